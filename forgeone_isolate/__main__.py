@@ -1,0 +1,5 @@
+"""``python -m forgeone_isolate``."""
+
+from forgeone_isolate.cli import main
+
+raise SystemExit(main())
