@@ -1,0 +1,1 @@
+"""ctypes bindings and kernel constants only; no logic (see libc.py)."""

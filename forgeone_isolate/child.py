@@ -1,0 +1,200 @@
+"""The two child processes, each one ordered function (see markers.py for the channel).
+
+``keeper_main`` (first fork): leaves the host's namespaces, waits for the parent to map
+its ids and place it in its cgroup, enters a cgroup namespace rooted there, forks PID 1 of
+the new PID namespace and waits for it. ``sandbox_sequence`` (in PID 1): every remaining
+layer, in order, each step named so a failure reports ``(step, errno, message)``; seccomp
+is last because once it is loaded nothing else could be set up. Only then the payload runs:
+wasmtime for a real launch, a probe for the death tests.
+
+Both end with ``os._exit``: no atexit handler, no flush, nothing that opens a file.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NoReturn
+
+# guest is imported here, before any fork: after pivot_root no module file can be read.
+from forgeone_isolate import caps, fds, guest, markers, mounts, ns, rlimits, seccomp_filter
+from forgeone_isolate._sys.libc import CLONE_NEWCGROUP
+from forgeone_isolate.kernel import Kernel, RealKernel
+from forgeone_isolate.plan import SandboxPlan
+
+
+class StepFailed(Exception):
+    """A named step of the child sequence failed."""
+
+    def __init__(self, step: str, err: int, message: str) -> None:
+        super().__init__(f"{step}: {message}")
+        self.step = step
+        self.errno = err
+        self.message = message
+
+
+@contextmanager
+def step(name: str) -> Iterator[None]:
+    """Name the step that a failure inside belongs to."""
+    try:
+        yield
+    except StepFailed:
+        raise
+    except OSError as e:
+        raise StepFailed(name, e.errno or errno_mod.EIO, e.strerror or str(e)) from None
+    except Exception as e:
+        raise StepFailed(name, errno_mod.EINVAL, f"{type(e).__name__}: {e}") from None
+
+
+@dataclass
+class ChildChannels:
+    """The descriptors the children inherit (numbers in the child)."""
+
+    control: socket.socket
+    broker: socket.socket
+    devnull: int
+
+
+def keeper_main(
+    plan: SandboxPlan,
+    chans: ChildChannels,
+    parent_pid: int,
+    payload_factory: Callable[[], Callable[[], int]],
+    kernel: Kernel | None = None,
+) -> NoReturn:
+    """First child: unshare, be mapped and placed, fork PID 1, wait for it, report."""
+    k = kernel or RealKernel()
+    ctl = chans.control
+    try:
+        with step("pdeathsig"):
+            k.set_pdeathsig(signal.SIGKILL)
+            if os.getppid() != parent_pid:
+                os._exit(markers.EXIT_PARENT_GONE)
+        with step("setgroups"):
+            k.setgroups([])  # must precede unshare: setgroups is denied in the new namespace
+        with step("unshare"):
+            ns.unshare_namespaces(k, [n for n in plan.namespaces if n != "cgroup"])
+        markers.send(ctl, markers.UNSHARED)
+        reply = markers.recv(ctl)
+        if reply is None or reply.get("m") != markers.MAPPED:
+            os._exit(markers.EXIT_PROTOCOL)
+        with step("setresuid"):
+            k.setresgid(0)
+            k.setresuid(0)
+            k.set_pdeathsig(signal.SIGKILL)  # a credential change clears it
+            if os.getppid() != parent_pid:
+                os._exit(markers.EXIT_PARENT_GONE)
+        if "cgroup" in plan.namespaces:
+            with step("unshare-cgroup"):
+                k.unshare(CLONE_NEWCGROUP)  # after the parent moved us: rooted at our cgroup
+        with step("fork-pid1"):
+            pid = os.fork()
+        if pid == 0:
+            _plugin_main(k, plan, chans, payload_factory)
+        chans.broker.close()  # only PID 1 holds the broker end: EOF there means it is gone
+        markers.send(ctl, markers.PID1, pid=pid)
+        _, status = os.waitpid(pid, 0)
+        markers.send(ctl, markers.EXITED, status=status)
+        os._exit(0)
+    except StepFailed as e:
+        _report(ctl, e)
+        os._exit(markers.EXIT_SETUP_FAILED)
+    except BaseException:
+        os._exit(markers.EXIT_SETUP_FAILED)
+
+
+def _report(ctl: socket.socket, e: StepFailed) -> None:
+    try:
+        markers.send(ctl, markers.STEP_FAILED, step=e.step, errno=e.errno, message=e.message)
+    except OSError:
+        pass
+
+
+def _plugin_main(
+    k: Kernel,
+    plan: SandboxPlan,
+    chans: ChildChannels,
+    payload_factory: Callable[[], Callable[[], int]],
+) -> NoReturn:
+    try:
+        payload = sandbox_sequence(k, plan, chans, payload_factory)
+    except StepFailed as e:
+        _report(chans.control, e)
+        os._exit(markers.EXIT_SETUP_FAILED)
+    except BaseException as e:
+        _report(chans.control, StepFailed("internal", errno_mod.EIO, f"{type(e).__name__}: {e}"))
+        os._exit(markers.EXIT_SETUP_FAILED)
+    try:
+        status = payload()
+    except BaseException:
+        status = markers.EXIT_PAYLOAD_CRASHED
+    os._exit(status)
+
+
+def sandbox_sequence(
+    k: Kernel,
+    plan: SandboxPlan,
+    chans: ChildChannels,
+    payload_factory: Callable[[], Callable[[], int]],
+) -> Callable[[], int]:
+    """PID 1, in order, before any plugin byte runs. Returns the payload to run.
+
+    Raises: StepFailed naming the step.
+    """
+    with step("pdeathsig"):
+        k.set_pdeathsig(signal.SIGKILL)  # die with the keeper, which dies with the supervisor
+        vm_size = rlimits.vm_size_bytes()  # /proc is still there; the headroom covers growth
+    with step("mounts"):
+        mounts.setup_empty_root(k, plan.scratch_mount)  # needs CAP_SYS_ADMIN: before caps
+    with step("hostname"):
+        k.sethostname(plan.hostname)
+    with step("network"):
+        k.set_interface_up("lo")  # loopback only: a new net namespace has nothing else
+    with step("prepare"):
+        # Everything that allocates big or reads files happens before the doors close:
+        # the payload (wasmtime engine, module, store, linker) and the filter program.
+        payload = payload_factory()
+        program = seccomp_filter.build_filter(plan.seccomp_allow, plan.seccomp_fds)
+    with step("fds"):
+        fds.setup_fds(k, chans.devnull, chans.broker.fileno(), chans.control.fileno())
+        if isinstance(k, RealKernel):
+            chans.control.detach()
+            chans.control = socket.socket(fileno=fds.CONTROL_FD)
+    control = chans.control
+    with step("rlimits"):
+        limits = list(plan.rlimits)
+        address_space = vm_size + plan.as_headroom + plan.memory_bytes
+        limits.append(("as", address_space, address_space))
+        rlimits.apply_rlimits(k, limits)
+    with step("capabilities"):
+        caps.drop_all_capabilities(k, caps.last_cap())
+    with step("no_new_privs"):
+        caps.apply_no_new_privs(k)
+    try:
+        with step("seccomp"):
+            k.load_seccomp(program)  # last: after it, nothing can be set up any more
+    except StepFailed:
+        raise
+    markers.send(control, markers.FILTERED)
+    reply = markers.recv(control)
+    if reply is None or reply.get("m") != markers.OBSERVED:
+        os._exit(markers.EXIT_PROTOCOL)
+    control.detach()
+    os.close(fds.CONTROL_FD)
+    return payload
+
+
+def make_guest_payload(serialized: bytes, plan: SandboxPlan) -> Callable[[], Callable[[], int]]:
+    """The real payload: wasmtime, prepared before the filter, run after it."""
+
+    def factory() -> Callable[[], int]:
+        prepared = guest.prepare(serialized, plan.memory_bytes, plan.lifecycle, fds.BROKER_FD)
+        return prepared.run
+
+    return factory
+

@@ -1,0 +1,246 @@
+"""Child side, after the filter: the wasmtime store, the ABI v1 shims, the lifecycle.
+
+Everything here is prepared before the seccomp filter (:func:`prepare`) and run after it
+(:meth:`PreparedGuest.run`). The shims treat the guest as hostile: every pointer and length
+is checked against the guest's memory before the broker is asked anything (-EFAULT
+otherwise). Each import is one request on the broker socket, written and read with plain
+``write``/``read`` on fd 3, the only syscalls the filter lets touch it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import wasmtime
+
+from forgeone_isolate import abi
+from forgeone_isolate import protocol as p
+from forgeone_isolate.wasm import WASM_PAGE, make_engine
+
+MASK32 = 0xFFFFFFFF
+_I32 = wasmtime.ValType.i32()
+_I64 = wasmtime.ValType.i64()
+
+
+class _Channel:
+    """The broker socket, as the shims see it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.seq = 0
+
+    def call(self, op: p.Op, frame_body: Callable[[int], bytes]) -> tuple[int, bytes]:
+        self.seq = (self.seq + 1) & MASK32
+        os.write(self.fd, frame_body(self.seq))
+        reply = os.read(self.fd, p.MAX_FRAME)
+        return p.decode_reply(reply, op, self.seq)
+
+    def done(self, phase: int, code: int, kind: p.DoneKind, message: str) -> None:
+        try:
+            os.write(self.fd, p.encode_done(phase, code, kind, message.encode("utf-8", "replace")))
+        except OSError:
+            pass
+
+
+@dataclass
+class PreparedGuest:
+    """An engine, module, store and linker ready to instantiate after the filter."""
+
+    engine: wasmtime.Engine
+    module: wasmtime.Module
+    store: wasmtime.Store
+    linker: wasmtime.Linker
+    channel: _Channel
+    memory_limit: int
+    lifecycle: tuple[str, ...]
+
+    def run(self) -> int:
+        """Instantiate and drive the lifecycle; report the outcome in a DONE frame.
+
+        Returns the process exit status (0 ok, 1 failed). Never raises.
+        """
+        phase = 255
+        memory: wasmtime.Memory | None = None
+        try:
+            instance = self.linker.instantiate(self.store, self.module)
+            exports = instance.exports(self.store)
+            mem = exports[abi.MEMORY_EXPORT]
+            memory = mem if isinstance(mem, wasmtime.Memory) else None
+            for index, name in enumerate(abi.LIFECYCLE):
+                if name not in self.lifecycle:
+                    continue
+                phase = index
+                func = exports[name]
+                assert isinstance(func, wasmtime.Func)
+                rc = func(self.store)
+                if rc != 0:
+                    self.channel.done(phase, int(rc), p.DoneKind.FAILED, f"{name} returned {rc}")
+                    return 1
+        except wasmtime.Trap as e:
+            self.channel.done(phase, -1, self._trap_kind(memory), _first_line(e))
+            return 1
+        except wasmtime.WasmtimeError as e:
+            self.channel.done(phase, -1, p.DoneKind.SETUP, _first_line(e))
+            return 1
+        self.channel.done(255, 0, p.DoneKind.OK, "")
+        return 0
+
+    def _trap_kind(self, memory: wasmtime.Memory | None) -> p.DoneKind:
+        """MEMORY when the guest trapped with its memory near the limit.
+
+        wasmtime-py's StoreLimits make a refused ``memory.grow`` return -1 without telling
+        the host, so this is inferred: a trap within an eighth of the limit (at least one
+        page) counts as the memory limit biting.
+        """
+        if memory is None:
+            return p.DoneKind.TRAP
+        margin = max(WASM_PAGE, self.memory_limit // 8)
+        if memory.data_len(self.store) + margin > self.memory_limit:
+            return p.DoneKind.MEMORY
+        return p.DoneKind.TRAP
+
+
+def _first_line(e: BaseException) -> str:
+    """The root cause of a wasmtime error: the last line after "Caused by:", else the first."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    if "Caused by:" in lines:
+        return lines[-1][:500]
+    return lines[0][:500]
+
+
+def prepare(serialized: bytes, memory_limit: int, lifecycle: tuple[str, ...], broker_fd: int) -> PreparedGuest:
+    """Before the filter: engine, deserialised module, store with limits, linker with shims.
+
+    No guest code runs here (instantiation, which runs a wasm start function, comes after
+    the filter).
+    """
+    engine = make_engine()
+    module = wasmtime.Module.deserialize(engine, serialized)
+    store = wasmtime.Store(engine)
+    store.set_limits(
+        memory_size=memory_limit, table_elements=10_000, instances=1, tables=4, memories=1
+    )
+    linker = wasmtime.Linker(engine)
+    channel = _Channel(broker_fd)
+    _define_imports(linker, channel, memory_limit)
+    return PreparedGuest(engine, module, store, linker, channel, memory_limit, lifecycle)
+
+
+def _mem(caller: wasmtime.Caller) -> wasmtime.Memory | None:
+    mem = caller.get(abi.MEMORY_EXPORT)
+    return mem if isinstance(mem, wasmtime.Memory) else None
+
+
+def _read(caller: wasmtime.Caller, ptr: int, length: int, limit: int) -> bytes | None:
+    """Guest bytes [ptr, ptr+len) or None when outside memory or over ``limit``."""
+    mem = _mem(caller)
+    ptr &= MASK32
+    length &= MASK32
+    if mem is None or length > limit:
+        return None
+    if ptr + length > mem.data_len(caller):
+        return None
+    return bytes(mem.read(caller, ptr, ptr + length))
+
+
+def _writable(caller: wasmtime.Caller, ptr: int, length: int) -> bool:
+    mem = _mem(caller)
+    return mem is not None and (ptr & MASK32) + (length & MASK32) <= mem.data_len(caller)
+
+
+def _define_imports(linker: wasmtime.Linker, ch: _Channel, memory_limit: int) -> None:
+    def log(caller: wasmtime.Caller, level: int, ptr: int, length: int) -> int:
+        msg = _read(caller, ptr, length, p.MAX_LOG)
+        if msg is None:
+            return abi.EFAULT if (length & MASK32) <= p.MAX_LOG else abi.E2BIG
+        if not 0 <= level <= 4:
+            return abi.EINVAL
+        return ch.call(p.Op.LOG, lambda s: p.encode_log(s, level, msg))[0]
+
+    def clock_now() -> int:
+        return ch.call(p.Op.CLOCK_NOW, lambda s: p.encode(p.Op.CLOCK_NOW, s))[0]
+
+    def random_fill(caller: wasmtime.Caller, ptr: int, length: int) -> int:
+        length &= MASK32
+        if not _writable(caller, ptr, length):
+            return abi.EFAULT
+        if length > p.MAX_DATA:
+            return abi.E2BIG
+        result, data = ch.call(p.Op.RANDOM, lambda s: p.encode(p.Op.RANDOM, s, length.to_bytes(4, "big")))
+        if result >= 0 and len(data) == length:
+            mem = _mem(caller)
+            assert mem is not None
+            mem.write(caller, data, ptr & MASK32)
+        return result
+
+    def _getter(op: p.Op) -> Callable[..., int]:
+        def get(caller: wasmtime.Caller, kptr: int, klen: int, bptr: int, blen: int) -> int:
+            key = _read(caller, kptr, klen, p.MAX_KEY)
+            if key is None:
+                return abi.EFAULT if (klen & MASK32) <= p.MAX_KEY else abi.E2BIG
+            blen &= MASK32
+            if not _writable(caller, bptr, blen):
+                return abi.EFAULT
+            result, data = ch.call(op, lambda s: p.encode_u32_key(op, s, min(blen, p.MAX_DATA), key))
+            if result >= 0 and data:
+                mem = _mem(caller)
+                assert mem is not None
+                mem.write(caller, data[:blen], bptr & MASK32)
+            return result
+
+        return get
+
+    def kv_set(caller: wasmtime.Caller, kptr: int, klen: int, vptr: int, vlen: int) -> int:
+        key = _read(caller, kptr, klen, p.MAX_KEY)
+        value = _read(caller, vptr, vlen, p.MAX_DATA - p.MAX_KEY)
+        if key is None or value is None:
+            return abi.EFAULT
+        return ch.call(p.Op.KV_SET, lambda s: p.encode_kv_set(s, key, value))[0]
+
+    def _opener(op: p.Op, limit: int) -> Callable[..., int]:
+        def open_(caller: wasmtime.Caller, ptr: int, length: int, value: int) -> int:
+            text = _read(caller, ptr, length, limit)
+            if text is None:
+                return abi.EFAULT
+            return ch.call(op, lambda s: p.encode_i32_text(op, s, value, text))[0]
+
+        return open_
+
+    def output(caller: wasmtime.Caller, ptr: int, length: int) -> int:
+        data = _read(caller, ptr, length, p.MAX_DATA)
+        if data is None:
+            return abi.EFAULT if (length & MASK32) <= p.MAX_DATA else abi.E2BIG
+        return ch.call(p.Op.OUTPUT, lambda s: p.encode(p.Op.OUTPUT, s, data))[0]
+
+    def fd_io(caller: wasmtime.Caller, handle: int, ptr: int, length: int) -> int:
+        return abi.EBADF  # no handle can exist until the broker passes descriptors
+
+    def fd_close(handle: int) -> int:
+        return abi.EBADF
+
+    impls: dict[str, tuple[Callable[..., Any], bool]] = {
+        "log": (log, True),
+        "clock_now": (clock_now, False),
+        "random_fill": (random_fill, True),
+        "config_get": (_getter(p.Op.CONFIG_GET), True),
+        "kv_get": (_getter(p.Op.KV_GET), True),
+        "kv_set": (kv_set, True),
+        "fs_open": (_opener(p.Op.FS_OPEN, p.MAX_PATH), True),
+        "net_connect": (_opener(p.Op.NET_CONNECT, p.MAX_HOST), True),
+        "fd_read": (fd_io, True),
+        "fd_write": (fd_io, True),
+        "fd_close": (fd_close, False),
+        "output": (output, True),
+    }
+    for name, (params, results) in abi.IMPORTS.items():
+        fn, needs_caller = impls[name]
+        ft = wasmtime.FuncType(
+            [_I32 if t == "i32" else _I64 for t in params],
+            [_I32 if t == "i32" else _I64 for t in results],
+        )
+        linker.define_func(abi.IMPORT_MODULE, name, ft, fn, access_caller=needs_caller)

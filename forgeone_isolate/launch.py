@@ -1,0 +1,398 @@
+"""Launch one plugin, isolated: the parent side of ARCHITECTURE.md's sequence.
+
+``run_plan`` carries out a plan: lease a host uid, create the plugin's cgroup, fork the
+keeper (child.py), map its ids and place it, observe PID 1 from /proc once every layer is
+in, serve its broker requests until it ends or its deadline passes, then tear everything
+down on every path: no process, cgroup, uid lease or descriptor is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from forgeone_isolate import abi, cgroup, markers, ns, observe, package, signing, wasm
+from forgeone_isolate import child as child_mod
+from forgeone_isolate import protocol as p
+from forgeone_isolate.broker import Broker, Identity
+from forgeone_isolate.errors import EXIT_OK, EXIT_PLUGIN_FAILED, SetupError
+from forgeone_isolate.plan import SandboxPlan, build_plan
+from forgeone_isolate.uidpool import lease_uid
+
+DEFAULT_STATE_DIR = Path("/var/lib/forgeone")
+SETUP_DEADLINE_S = 15.0
+TERM_GRACE_S = 2.0
+
+
+@dataclass
+class LaunchResult:
+    """What happened, for the report."""
+
+    status: str = "error"  # ok | error | killed
+    reason: str = ""
+    isolation: dict[str, Any] = field(default_factory=dict)
+    broker: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    cgroup: dict[str, Any] = field(default_factory=dict)
+    logs: list[tuple[int, str]] = field(default_factory=list)
+    exit_status: int = EXIT_PLUGIN_FAILED
+
+
+PayloadFactory = Callable[[], Callable[[], int]]
+
+
+@contextlib.contextmanager
+def _term_guard(on_term: Callable[[], None]) -> Iterator[None]:
+    """SIGTERM/SIGINT while a plugin runs: kill it, then clean up normally."""
+    if threading_active():
+        yield
+        return
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum: int, _frame: object) -> None:
+        on_term()
+
+    for s in old:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def threading_active() -> bool:
+    """True when called off the main thread (signal handlers cannot be installed)."""
+    import threading
+
+    return threading.current_thread() is not threading.main_thread()
+
+
+def run_plan(
+    plan: SandboxPlan,
+    payload_factory: PayloadFactory,
+    cgroups: cgroup.CgroupHost,
+    on_log: Callable[[int, str], None] | None = None,
+    on_observed: Callable[[dict[str, Any]], None] | None = None,
+) -> LaunchResult:
+    """Execute ``plan``: fork, contain, serve, reap, clean. Never leaves anything behind.
+
+    Raises: SetupError when the sandbox could not be built (the step and errno named).
+    """
+    result = LaunchResult()
+    started = time.monotonic()
+    limits = cgroup.CgroupLimits(
+        cpu_percent=plan.cpu_percent,
+        memory_bytes=plan.memory_bytes,
+        pids=plan.pids + 1,  # + the keeper process outside the plugin's PID namespace
+        io_bps=None,
+    )
+    broker = Broker(
+        Identity(plan.signer, plan.plugin, plan.version, plan.instance_id),
+        on_log or (lambda level, text: result.logs.append((level, text))),
+    )
+    witness = observe.SeccompWitness()
+    pc = cgroups.create(f"{plan.plugin}-{plan.instance_id}", limits)
+    result.cgroup = {"paths": list(pc.paths), "applied": dict(pc.applied), "not_applied": dict(pc.not_applied)}
+    ctl_parent, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    brk_parent, brk_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    devnull = os.open("/dev/null", os.O_RDWR)
+    keeper = -1
+    try:
+        keeper = os.fork()
+        if keeper == 0:  # first child: never returns
+            ctl_parent.close()
+            brk_parent.close()
+            child_mod.keeper_main(
+                plan,
+                child_mod.ChildChannels(ctl_child, brk_child, devnull),
+                os.getppid(),
+                payload_factory,
+            )
+        ctl_child.close()
+        brk_child.close()
+        os.close(devnull)
+        devnull = -1
+        _Supervisor(plan, result, broker, pc, witness, keeper, ctl_parent, brk_parent, on_observed).run()
+        keeper = -1
+    finally:
+        if keeper > 0:
+            _kill_and_reap(keeper)
+        with contextlib.suppress(Exception):
+            pc.kill()
+        stats: dict[str, int] = {}
+        with contextlib.suppress(Exception):
+            stats = pc.stats()
+        pc.remove()
+        witness.close()
+        for s in (ctl_parent, brk_parent):
+            s.close()
+        if devnull >= 0:
+            os.close(devnull)
+    result.broker = {
+        "allowed": broker.stats.allowed,
+        "denied": broker.stats.denied,
+        "violations": broker.stats.violations,
+        "by_op": broker.stats.by_op,
+    }
+    result.metrics = {"wall_ms": round((time.monotonic() - started) * 1000, 2), **stats}
+    return result
+
+
+def _kill_and_reap(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+class _Supervisor:
+    """The parent's event loop for one launch."""
+
+    def __init__(
+        self,
+        plan: SandboxPlan,
+        result: LaunchResult,
+        broker: Broker,
+        pc: cgroup.PluginCgroup,
+        witness: observe.SeccompWitness,
+        keeper: int,
+        ctl: socket.socket,
+        brk: socket.socket,
+        on_observed: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        self.plan = plan
+        self.result = result
+        self.broker = broker
+        self.pc = pc
+        self.witness = witness
+        self.keeper = keeper
+        self.ctl = ctl
+        self.brk = brk
+        self.on_observed = on_observed
+        self.pid1 = -1
+        self.pid1_status: int | None = None
+        self.step_failed: dict[str, Any] | None = None
+        self.kill_reason: str | None = None
+        self.deadline = time.monotonic() + SETUP_DEADLINE_S
+        self.observed = False
+
+    def kill(self, reason: str) -> None:
+        if self.kill_reason is None:
+            self.kill_reason = reason
+        for pid in (self.pid1, self.keeper):
+            if pid > 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            self.pc.kill(timeout=1.0)
+
+    def run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.ctl, selectors.EVENT_READ, "ctl")
+        sel.register(self.brk, selectors.EVENT_READ, "brk")
+        open_channels = 2
+        with _term_guard(lambda: self.kill("supervisor terminated")):
+            while open_channels:
+                timeout = self.deadline - time.monotonic()
+                if timeout <= 0 and self.kill_reason is None:
+                    self.kill("timeout" if self.observed else "setup timeout")
+                events = sel.select(timeout=max(timeout, 0.05) if self.kill_reason is None else 0.2)
+                for key, _ in events:
+                    if key.data == "ctl" and not self._on_control():
+                        sel.unregister(self.ctl)
+                        open_channels -= 1
+                    elif key.data == "brk" and not self._on_broker():
+                        sel.unregister(self.brk)
+                        open_channels -= 1
+        sel.close()
+        _, status = os.waitpid(self.keeper, 0)
+        self._conclude(status)
+
+    def _on_control(self) -> bool:
+        msg = markers.recv(self.ctl)
+        if msg is None:
+            return False
+        m = msg.get("m")
+        if m == markers.UNSHARED:
+            try:
+                ns.parent_write_id_maps(self.keeper, self.plan.host_uid, self.plan.host_gid)
+                self.pc.add_pid(self.keeper)
+            except OSError as e:
+                self.step_failed = {"step": "id-maps", "errno": e.errno or 0, "message": str(e)}
+                self.kill("setup failed")
+                return True
+            except SetupError as e:
+                self.step_failed = {"step": e.step, "errno": e.errno, "message": e.message}
+                self.kill("setup failed")
+                return True
+            markers.send(self.ctl, markers.MAPPED)
+        elif m == markers.PID1 and isinstance(msg.get("pid"), int):
+            self.pid1 = int(msg["pid"])
+        elif m == markers.STEP_FAILED:
+            self.step_failed = {
+                "step": str(msg.get("step", "?"))[:64],
+                "errno": int(msg.get("errno", 0)) if isinstance(msg.get("errno"), int) else 0,
+                "message": str(msg.get("message", ""))[:300],
+            }
+        elif m == markers.FILTERED and self.pid1 > 0:
+            self.result.isolation = observe.observe(self.pid1)
+            if self.on_observed is not None:
+                self.on_observed(self.result.isolation)
+            self.observed = True
+            self.deadline = time.monotonic() + self.plan.timeout_s
+            markers.send(self.ctl, markers.OBSERVED)
+        elif m == markers.EXITED and isinstance(msg.get("status"), int):
+            self.pid1_status = int(msg["status"])
+        else:
+            self.kill("protocol violation on the setup channel")
+        return True
+
+    def _on_broker(self) -> bool:
+        try:
+            frame = self.brk.recv(p.MAX_FRAME + 1)
+        except OSError:
+            return False
+        if not frame:
+            return False
+        reply = self.broker.handle(frame)
+        if self.broker.abusive:
+            self.kill("broker protocol abuse")
+            return True
+        if reply is not None:
+            with contextlib.suppress(OSError):
+                self.brk.send(reply)
+        return True
+
+    def _conclude(self, keeper_status: int) -> None:
+        r = self.result
+        done = self.broker.done
+        status = self.pid1_status
+        if self.step_failed is not None:
+            sf = self.step_failed
+            raise SetupError(sf["step"], sf["errno"], sf["message"])
+        if self.kill_reason is not None:
+            r.status, r.reason = "killed", self.kill_reason
+            if self.kill_reason == "setup timeout":
+                raise SetupError("setup", 0, "the sandbox did not come up in time")
+            return
+        if status is None:
+            raise SetupError("keeper", 0, f"the keeper ended without a report ({_describe(keeper_status)})")
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            r.status = "killed"
+            if sig == signal.SIGSYS:
+                name = self.witness.syscall_for(self.pid1) or "unknown syscall"
+                r.reason = f"seccomp: {name}"
+            elif sig == signal.SIGXCPU:
+                r.reason = "timeout: cpu time limit"
+            else:
+                r.reason = f"signal {signal.Signals(sig).name}"
+            if self.pc.stats().get("oom_kill", 0) > 0:
+                r.reason = "memory"
+            return
+        code = os.WEXITSTATUS(status)
+        if not self.observed and code == markers.EXIT_SETUP_FAILED:
+            raise SetupError("sandbox", 0, "PID 1 failed before reporting its step")
+        if done is None:
+            r.status, r.reason = "error", f"plugin ended without a result (exit {code})"
+            return
+        phase = abi.LIFECYCLE[done.phase] if done.phase < len(abi.LIFECYCLE) else "instantiate"
+        message = done.message.decode("utf-8", "replace")
+        if done.kind is p.DoneKind.OK and code == 0:
+            r.status, r.reason, r.exit_status = "ok", "", EXIT_OK
+        elif done.kind is p.DoneKind.MEMORY:
+            r.status, r.reason = "killed", f"memory: {phase}: {message}"
+        elif done.kind is p.DoneKind.TRAP:
+            r.status, r.reason = "error", f"trap in {phase}: {message}"
+        else:
+            r.status, r.reason = "error", f"{phase}: {message}"
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit {os.WEXITSTATUS(status)}"
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+def _log_printer(out: TextIO, plugin: str) -> Callable[[int, str], None]:
+    def emit(level: int, text: str) -> None:
+        print(f"[{plugin}] {abi.LOG_LEVELS[level]}: {text}", file=out, flush=True)
+
+    return emit
+
+
+def prepare(
+    package_path: Path, trust_path: Path, state_dir: Path
+) -> tuple[package.VerifiedPackage, wasm.ModuleInfo]:
+    """Load and attest the package, and check its module. Raises: BadInputError subclasses."""
+    trust = signing.TrustStore.load(trust_path)
+    pkg = package.verify_file(package_path, trust)
+    info = wasm.check_module(pkg.wasm, pkg.manifest.limits.memory_mb)
+    return pkg, info
+
+
+def cli_launch(args: argparse.Namespace, out: TextIO) -> int:
+    """``launch``: verify, plan, run, report. Returns the exit status."""
+    state_dir: Path = args.state_dir or DEFAULT_STATE_DIR
+    pkg, info = prepare(args.package, args.trust, state_dir)
+    if args.policy is not None:
+        from forgeone_isolate.errors import PolicyError
+
+        if not args.policy.is_file():
+            raise PolicyError(f"policy {args.policy}: no such file")
+    if args.dry_run:
+        plan = build_plan(pkg.manifest, pkg.signer, host_uid=-1, lifecycle=info.lifecycle)
+        json.dump(plan.as_dict(), out, indent=2, sort_keys=True)
+        out.write("\n")
+        return EXIT_OK
+    serialized = wasm.compile_serialized(pkg.wasm)
+    cgroups = cgroup.detect()
+    with lease_uid(state_dir / "uids") as lease:
+        plan = build_plan(pkg.manifest, pkg.signer, host_uid=lease.uid, lifecycle=info.lifecycle)
+        result = run_plan(
+            plan,
+            child_mod.make_guest_payload(serialized, plan),
+            cgroups,
+            on_log=None if args.json else _log_printer(out, plan.plugin),
+        )
+    report = {
+        "status": result.status,
+        "reason": result.reason,
+        "plugin": {"name": plan.plugin, "version": plan.version, "instance": plan.instance_id},
+        "signer": plan.signer,
+        "isolation": {**result.isolation, "cgroup_limits": result.cgroup},
+        "broker": result.broker,
+        "metrics": result.metrics,
+    }
+    if args.json:
+        report["logs"] = [{"level": abi.LOG_LEVELS[lv], "text": t} for lv, t in result.logs]
+        json.dump(report, out, sort_keys=True)
+        out.write("\n")
+    else:
+        iso = result.isolation
+        summary = (
+            f"{plan.plugin} {plan.version}: {result.status}"
+            + (f" ({result.reason})" if result.reason else "")
+            + f" in {result.metrics.get('wall_ms', 0)} ms; seccomp={iso.get('seccomp')}"
+            f" no_new_privs={iso.get('no_new_privs')} cap_eff={iso.get('cap_eff')}"
+            f" broker allowed={result.broker.get('allowed')} denied={result.broker.get('denied')}"
+        )
+        print(summary, file=out)
+    out.flush()
+    sys.stderr.flush()
+    return result.exit_status

@@ -1,0 +1,59 @@
+"""The setup channel between the supervisor and its two child processes, documented once.
+
+A SOCK_SEQPACKET socketpair carries small JSON messages, each ``{"m": MARKER, ...}``,
+strictly in this order::
+
+    keeper  -> parent  UNSHARED                 namespaces made; map me, place me
+    parent  -> keeper  MAPPED                   uid/gid maps written, cgroup joined
+    keeper  -> parent  PID1 {pid}               host pid of PID 1 of the new namespace
+    plugin  -> parent  STEP_FAILED {step, errno, message}   (then exits EXIT_SETUP_FAILED)
+    plugin  -> parent  FILTERED                 every layer applied; plugin code not yet run
+    parent  -> plugin  OBSERVED                 parent has read /proc/<pid>; go on
+    keeper  -> parent  EXITED {status}          wait status of PID 1
+
+"keeper" is the first child (outside the new PID namespace, it unshares and waits);
+"plugin" is PID 1 of the new PID namespace, which builds the sandbox and runs wasmtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any, Final
+
+UNSHARED: Final = "UNSHARED"
+MAPPED: Final = "MAPPED"
+PID1: Final = "PID1"
+STEP_FAILED: Final = "STEP_FAILED"
+FILTERED: Final = "FILTERED"
+OBSERVED: Final = "OBSERVED"
+EXITED: Final = "EXITED"
+MAX_MESSAGE: Final = 4096
+
+# Exit statuses of the children (both distinct from a plugin's 0/1).
+EXIT_SETUP_FAILED: Final = 120
+EXIT_PARENT_GONE: Final = 121
+EXIT_PROTOCOL: Final = 122
+EXIT_PAYLOAD_CRASHED: Final = 123
+
+
+def send(sock: socket.socket, marker: str, **fields: Any) -> None:
+    """Send one marker message."""
+    # write/read rather than send/recv: after the seccomp filter only these are allowed.
+    os.write(sock.fileno(), json.dumps({"m": marker, **fields}).encode()[:MAX_MESSAGE])
+
+
+def recv(sock: socket.socket) -> dict[str, Any] | None:
+    """Receive one marker message; None at end of stream or on a malformed message."""
+    try:
+        data = os.read(sock.fileno(), MAX_MESSAGE)
+    except OSError:
+        return None
+    if not data:
+        return None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return {"m": "MALFORMED"}
+    return obj if isinstance(obj, dict) and isinstance(obj.get("m"), str) else {"m": "MALFORMED"}

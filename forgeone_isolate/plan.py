@@ -1,0 +1,131 @@
+"""The frozen sandbox plan: what will be unshared, mapped, limited and allowed.
+
+``launch`` compiles a verified package (and, later, the operator's policy) into a
+:class:`SandboxPlan`; the launcher only carries plans out, and ``launch --dry-run``
+prints one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+from forgeone_isolate import abi, seccomp_filter
+from forgeone_isolate.fds import BROKER_FD, CONTROL_FD
+from forgeone_isolate.manifest import Manifest
+
+NAMESPACES: Final = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")
+
+#: What wasmtime and the broker channel need once the filter is in (measured here; see
+#: FACTS.md). Everything else kills the process.
+SECCOMP_ALLOW: Final = (
+    # memory
+    "brk",
+    "mmap",
+    "munmap",
+    "mprotect",
+    "madvise",
+    "mremap",
+    # the broker channel (fd-guarded) and closing the setup channel
+    "read",
+    "write",
+    "close",
+    # wasmtime's trap handling (guard pages, signals), stack overflow detection
+    "rt_sigreturn",
+    "rt_sigaction",
+    "rt_sigprocmask",
+    "sigaltstack",
+    # locks inside wasmtime and the allocator, randomness for hash seeds
+    "futex",
+    "getrandom",
+    # the way out
+    "exit",
+    "exit_group",
+)
+
+#: headroom above the child's virtual size at the rlimit step, beyond the guest memory
+AS_HEADROOM: Final = 512 * 1024 * 1024
+NOFILE: Final = 16
+
+
+@dataclass(frozen=True)
+class SandboxPlan:
+    """Everything the launcher needs, decided up front."""
+
+    plugin: str
+    version: str
+    signer: str
+    instance_id: str
+    namespaces: tuple[str, ...]
+    host_uid: int
+    host_gid: int
+    hostname: str
+    scratch_mount: str
+    network: str
+    memory_bytes: int
+    cpu_percent: int
+    pids: int
+    io_bps: int
+    timeout_s: int
+    rlimits: tuple[tuple[str, int, int], ...]
+    as_headroom: int
+    seccomp_allow: tuple[str, ...]
+    seccomp_fds: tuple[int, ...]
+    lifecycle: tuple[str, ...]
+    permissions: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``launch --dry-run``)."""
+        d = asdict(self)
+        d["rlimits"] = {name: {"soft": s, "hard": h} for name, s, h in self.rlimits}
+        d["rlimits"]["as"] = f"VmSize at the rlimit step + {self.as_headroom} + memory_bytes"
+        d["seccomp"] = seccomp_filter.describe(
+            self.seccomp_allow, {"broker": BROKER_FD, "control": CONTROL_FD}
+        )
+        for k in ("seccomp_allow", "seccomp_fds", "as_headroom"):
+            d.pop(k)
+        return d
+
+
+def build_plan(
+    manifest: Manifest,
+    signer: str,
+    host_uid: int,
+    lifecycle: tuple[str, ...],
+) -> SandboxPlan:
+    """Compile a verified manifest into a plan. Deny by default: until the operator's
+    policy grants them (the broker issue), no permission the manifest asks for is given."""
+    limits = manifest.limits
+    return SandboxPlan(
+        plugin=manifest.name,
+        version=str(manifest.version),
+        signer=signer,
+        instance_id=uuid.uuid4().hex[:12],
+        namespaces=NAMESPACES,
+        host_uid=host_uid,
+        host_gid=host_uid,
+        hostname="forgeone",
+        scratch_mount="/tmp",
+        network="loopback",
+        memory_bytes=limits.memory_mb * 1024 * 1024,
+        cpu_percent=limits.cpu_percent,
+        pids=limits.pids,
+        io_bps=limits.io_bps,
+        timeout_s=limits.timeout_s,
+        rlimits=(
+            ("core", 0, 0),
+            ("nofile", NOFILE, NOFILE),
+            ("memlock", 0, 0),
+            ("msgqueue", 0, 0),
+            ("cpu", limits.timeout_s + 1, limits.timeout_s + 2),
+        ),
+        as_headroom=AS_HEADROOM,
+        seccomp_allow=SECCOMP_ALLOW,
+        seccomp_fds=(BROKER_FD, CONTROL_FD),
+        lifecycle=tuple(n for n in ("init", "start", "stop", "unload") if n in lifecycle),
+        permissions={"granted": {}, "requested": manifest.permissions.as_dict()},
+    )
+
+
+__all__ = ["NAMESPACES", "SECCOMP_ALLOW", "SandboxPlan", "abi", "build_plan"]

@@ -1,0 +1,63 @@
+"""The seccomp filter: an allow-list compiled with libseccomp (pyseccomp).
+
+Default action: kill the whole process. Architecture: native only, any other architecture
+(i386 via int 0x80, x32) hits the bad-architecture action, also kill. ``read``/``write``
+(and their socket forms) are limited to the file descriptors the plan names. Built in the
+child before capabilities are gone (building allocates and reads nothing from disk), loaded
+last of all the sandbox steps: after it, even a bug in our own code cannot widen anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyseccomp
+
+#: syscalls whose first argument is a file descriptor that must be in the allowed set
+FD_GUARDED = frozenset({"read", "write", "sendto", "recvfrom", "sendmsg", "recvmsg", "close"})
+
+
+def build_filter(allow: Iterable[str], fds: Iterable[int]) -> Any:
+    """A loadable pyseccomp filter allowing ``allow``; fd-taking calls only on ``fds``.
+
+    Raises: ValueError for a syscall name libseccomp does not know.
+    """
+    f = pyseccomp.SyscallFilter(defaction=pyseccomp.KILL_PROCESS)
+    f.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
+    fd_list = sorted(set(fds))
+    for name in sorted(set(allow)):
+        try:
+            number = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
+        except Exception:
+            raise ValueError(f"unknown syscall {name!r}") from None
+        if number < 0:
+            raise ValueError(f"unknown syscall {name!r}")
+        if name in FD_GUARDED:
+            for fd in fd_list:
+                f.add_rule(pyseccomp.ALLOW, name, pyseccomp.Arg(0, pyseccomp.EQ, fd))
+        else:
+            f.add_rule(pyseccomp.ALLOW, name)
+    return f
+
+
+def syscall_name(number: int) -> str:
+    """The native-architecture name of syscall ``number``, or ``syscall <n>``."""
+    try:
+        name = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, number)
+    except Exception:
+        return f"syscall {number}"
+    if isinstance(name, bytes):
+        return name.decode()
+    return str(name) if name else f"syscall {number}"
+
+
+def describe(allow: Iterable[str], fds: Mapping[str, int]) -> dict[str, Any]:
+    """A plan-friendly description of a filter."""
+    return {
+        "default": "kill_process",
+        "bad_arch": "kill_process",
+        "allow": sorted(set(allow)),
+        "fd_guarded": sorted(FD_GUARDED & set(allow)),
+        "fds": dict(fds),
+    }
