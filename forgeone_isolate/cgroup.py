@@ -112,6 +112,28 @@ class CgroupLimits:
         return {k: v for k, v in values.items() if v is not None}
 
 
+def backing_device(path: str, sys_root: str = "/sys") -> tuple[int, int] | None:
+    """The whole block device (major, minor) holding ``path``, for ``io_device``.
+
+    A partition is resolved to its disk (the io/blkio throttles take whole disks). Returns
+    None when ``path`` is on no block device (tmpfs, overlay, NFS).
+
+    Raises:
+        OSError: ``path`` cannot be stat'ed.
+    """
+    st = os.stat(path)
+    major, minor = os.major(st.st_dev), os.minor(st.st_dev)
+    node = os.path.join(sys_root, "dev/block", f"{major}:{minor}")
+    if not os.path.exists(node):
+        return None
+    if os.path.exists(os.path.join(node, "partition")):
+        node = os.path.dirname(os.path.realpath(node))
+        with open(os.path.join(node, "dev"), encoding="ascii") as f:
+            disk_major, _, disk_minor = f.read().strip().partition(":")
+        return int(disk_major), int(disk_minor)
+    return major, minor
+
+
 class CgroupFs:
     """The file operations this module performs on a cgroup tree: the seam tests replace.
 
@@ -1053,5 +1075,6 @@ __all__ = [
     "CgroupLimits",
     "Hierarchy",
     "PluginCgroup",
+    "backing_device",
     "detect",
 ]

@@ -12,6 +12,7 @@ Both end with ``os._exit``: no atexit handler, no flush, nothing that opens a fi
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_mod
 import os
 import signal
@@ -109,10 +110,8 @@ def keeper_main(
 
 
 def _report(ctl: socket.socket, e: StepFailed) -> None:
-    try:
+    with contextlib.suppress(OSError):
         markers.send(ctl, markers.STEP_FAILED, step=e.step, errno=e.errno, message=e.message)
-    except OSError:
-        pass
 
 
 def _plugin_main(
@@ -175,11 +174,8 @@ def sandbox_sequence(
         caps.drop_all_capabilities(k, caps.last_cap())
     with step("no_new_privs"):
         caps.apply_no_new_privs(k)
-    try:
-        with step("seccomp"):
-            k.load_seccomp(program)  # last: after it, nothing can be set up any more
-    except StepFailed:
-        raise
+    with step("seccomp"):
+        k.load_seccomp(program)  # last: after it, nothing can be set up any more
     markers.send(control, markers.FILTERED)
     reply = markers.recv(control)
     if reply is None or reply.get("m") != markers.OBSERVED:
@@ -197,4 +193,3 @@ def make_guest_payload(serialized: bytes, plan: SandboxPlan) -> Callable[[], Cal
         return prepared.run
 
     return factory
-

@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     s = sub.add_parser("keygen", help="create an ed25519 signing key pair")
-    s.add_argument("--out", type=Path, required=True, help="directory for signer.key and signer.pub")
+    s.add_argument(
+        "--out", type=Path, required=True, help="directory for signer.key and signer.pub"
+    )
 
     s = sub.add_parser("pack", help="validate, sign and pack a plugin directory")
     s.add_argument("src", type=Path, help="directory with manifest.json and plugin.wasm/.wat")
@@ -206,7 +208,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return 130
     except SystemExit as e:  # argparse --help
         return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
-    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, no traceback
+    except Exception as e:
         if os.environ.get("FORGEONE_DEBUG") == "1":
             traceback.print_exc()
         print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)

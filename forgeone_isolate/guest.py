@@ -9,6 +9,7 @@ otherwise). Each import is one request on the broker socket, written and read wi
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,10 +40,8 @@ class _Channel:
         return p.decode_reply(reply, op, self.seq)
 
     def done(self, phase: int, code: int, kind: p.DoneKind, message: str) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.write(self.fd, p.encode_done(phase, code, kind, message.encode("utf-8", "replace")))
-        except OSError:
-            pass
 
 
 @dataclass
@@ -113,7 +112,9 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:500]
 
 
-def prepare(serialized: bytes, memory_limit: int, lifecycle: tuple[str, ...], broker_fd: int) -> PreparedGuest:
+def prepare(
+    serialized: bytes, memory_limit: int, lifecycle: tuple[str, ...], broker_fd: int
+) -> PreparedGuest:
     """Before the filter: engine, deserialised module, store with limits, linker with shims.
 
     No guest code runs here (instantiation, which runs a wasm start function, comes after
@@ -171,7 +172,9 @@ def _define_imports(linker: wasmtime.Linker, ch: _Channel, memory_limit: int) ->
             return abi.EFAULT
         if length > p.MAX_DATA:
             return abi.E2BIG
-        result, data = ch.call(p.Op.RANDOM, lambda s: p.encode(p.Op.RANDOM, s, length.to_bytes(4, "big")))
+        result, data = ch.call(
+            p.Op.RANDOM, lambda s: p.encode(p.Op.RANDOM, s, length.to_bytes(4, "big"))
+        )
         if result >= 0 and len(data) == length:
             mem = _mem(caller)
             assert mem is not None
@@ -186,7 +189,9 @@ def _define_imports(linker: wasmtime.Linker, ch: _Channel, memory_limit: int) ->
             blen &= MASK32
             if not _writable(caller, bptr, blen):
                 return abi.EFAULT
-            result, data = ch.call(op, lambda s: p.encode_u32_key(op, s, min(blen, p.MAX_DATA), key))
+            result, data = ch.call(
+                op, lambda s: p.encode_u32_key(op, s, min(blen, p.MAX_DATA), key)
+            )
             if result >= 0 and data:
                 mem = _mem(caller)
                 assert mem is not None

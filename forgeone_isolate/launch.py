@@ -16,6 +16,7 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from forgeone_isolate import abi, cgroup, markers, ns, observe, package, signing
 from forgeone_isolate import child as child_mod
 from forgeone_isolate import protocol as p
 from forgeone_isolate.broker import Broker, Identity
-from forgeone_isolate.errors import EXIT_OK, EXIT_PLUGIN_FAILED, SetupError
+from forgeone_isolate.errors import EXIT_OK, EXIT_PLUGIN_FAILED, PolicyError, SetupError
 from forgeone_isolate.plan import SandboxPlan, build_plan
 from forgeone_isolate.uidpool import lease_uid
 
@@ -74,8 +75,6 @@ def _term_guard(on_term: Callable[[], None]) -> Iterator[None]:
 
 def threading_active() -> bool:
     """True when called off the main thread (signal handlers cannot be installed)."""
-    import threading
-
     return threading.current_thread() is not threading.main_thread()
 
 
@@ -104,7 +103,11 @@ def run_plan(
     )
     witness = observe.SeccompWitness()
     pc = cgroups.create(f"{plan.plugin}-{plan.instance_id}", limits)
-    result.cgroup = {"paths": list(pc.paths), "applied": dict(pc.applied), "not_applied": dict(pc.not_applied)}
+    result.cgroup = {
+        "paths": list(pc.paths),
+        "applied": dict(pc.applied),
+        "not_applied": dict(pc.not_applied),
+    }
     ctl_parent, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     brk_parent, brk_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     devnull = os.open("/dev/null", os.O_RDWR)
@@ -124,7 +127,9 @@ def run_plan(
         brk_child.close()
         os.close(devnull)
         devnull = -1
-        _Supervisor(plan, result, broker, pc, witness, keeper, ctl_parent, brk_parent, on_observed).run()
+        _Supervisor(
+            plan, result, broker, pc, witness, keeper, ctl_parent, brk_parent, on_observed
+        ).run()
         keeper = -1
     finally:
         if keeper > 0:
@@ -288,7 +293,9 @@ class _Supervisor:
                 raise SetupError("setup", 0, "the sandbox did not come up in time")
             return
         if status is None:
-            raise SetupError("keeper", 0, f"the keeper ended without a report ({_describe(keeper_status)})")
+            raise SetupError(
+                "keeper", 0, f"the keeper ended without a report ({_describe(keeper_status)})"
+            )
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
             r.status = "killed"
@@ -350,11 +357,8 @@ def cli_launch(args: argparse.Namespace, out: TextIO) -> int:
     """``launch``: verify, plan, run, report. Returns the exit status."""
     state_dir: Path = args.state_dir or DEFAULT_STATE_DIR
     pkg, info = prepare(args.package, args.trust, state_dir)
-    if args.policy is not None:
-        from forgeone_isolate.errors import PolicyError
-
-        if not args.policy.is_file():
-            raise PolicyError(f"policy {args.policy}: no such file")
+    if args.policy is not None and not args.policy.is_file():
+        raise PolicyError(f"policy {args.policy}: no such file")
     if args.dry_run:
         plan = build_plan(pkg.manifest, pkg.signer, host_uid=-1, lifecycle=info.lifecycle)
         json.dump(plan.as_dict(), out, indent=2, sort_keys=True)
@@ -370,7 +374,7 @@ def cli_launch(args: argparse.Namespace, out: TextIO) -> int:
             cgroups,
             on_log=None if args.json else _log_printer(out, plan.plugin),
         )
-    report = {
+    report: dict[str, Any] = {
         "status": result.status,
         "reason": result.reason,
         "plugin": {"name": plan.plugin, "version": plan.version, "instance": plan.instance_id},

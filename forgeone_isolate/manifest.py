@@ -27,7 +27,9 @@ MAX_LIST: Final = 64
 NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 #: member paths: components start with an alphanumeric or '_', so '.', '..' and hidden
 #: files are impossible by construction.
-MEMBER_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}(/[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}){0,7}$")
+MEMBER_RE: Final = re.compile(
+    r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}(/[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}){0,7}$"
+)
 SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 CONFIG_KEY_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 HOSTNAME_RE: Final = re.compile(
@@ -176,7 +178,9 @@ def load_json(data: bytes, what: str = "manifest") -> Any:
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except json.JSONDecodeError as e:
-        raise ManifestError(f"{what}: not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise ManifestError(
+            f"{what}: not JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
     except RecursionError:  # pragma: no cover - check_depth makes this unreachable
         raise ManifestError(f"{what}: JSON nested too deep") from None
 
@@ -304,7 +308,8 @@ def _parse_permissions(value: Any) -> Permissions:
     if unknown:
         raise ManifestError(f"manifest: unknown permission {unknown[0]!r}")
     fs_read = tuple(
-        check_abs_path(p, "permissions.fs.read") for p in _string_list(value.get("fs.read", []), "fs.read")
+        check_abs_path(p, "permissions.fs.read")
+        for p in _string_list(value.get("fs.read", []), "fs.read")
     )
     fs_write = tuple(
         check_abs_path(p, "permissions.fs.write")

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from forgeone_isolate import manifest as mf
 from forgeone_isolate import signing, wasm
 from forgeone_isolate.errors import ManifestError, PackageError, VerificationError
@@ -141,7 +143,9 @@ def read_members(data: bytes) -> dict[str, bytes]:
     # tarfile stops quietly at the first bad header after the first member; anything but
     # zero padding past the end it saw would be read differently by another parser.
     if raw[end:].strip(b"\0"):
-        raise PackageError("package: data after the end of the tar archive (corrupt or hidden member)")
+        raise PackageError(
+            "package: data after the end of the tar archive (corrupt or hidden member)"
+        )
     return members
 
 
@@ -273,7 +277,7 @@ def _collect_sources(src: Path) -> dict[str, bytes]:
     return files
 
 
-def build_package(src: Path, key: signing.Ed25519PrivateKey) -> bytes:
+def build_package(src: Path, key: Ed25519PrivateKey) -> bytes:
     """Validate ``src`` and return the signed package bytes (deterministic).
 
     Raises: PackageError, ManifestError.
@@ -316,7 +320,11 @@ def build_package(src: Path, key: signing.Ed25519PrivateKey) -> bytes:
 def _deterministic_targz(members: dict[str, bytes]) -> bytes:
     tar_buf = io.BytesIO()
     with tarfile.open(fileobj=tar_buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for name in [mf.MANIFEST_NAME, mf.SIGNATURE_NAME, *sorted(set(members) - mf.RESERVED_MEMBERS)]:
+        for name in [
+            mf.MANIFEST_NAME,
+            mf.SIGNATURE_NAME,
+            *sorted(set(members) - mf.RESERVED_MEMBERS),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(members[name])
             info.mode = 0o644

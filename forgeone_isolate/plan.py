@@ -106,7 +106,7 @@ def build_plan(
         host_uid=host_uid,
         host_gid=host_uid,
         hostname="forgeone",
-        scratch_mount="/tmp",
+        scratch_mount="/tmp",  # noqa: S108 - a mount point in our private mount namespace only
         network="loopback",
         memory_bytes=limits.memory_mb * 1024 * 1024,
         cpu_percent=limits.cpu_percent,

@@ -193,7 +193,7 @@ def probe_seccomp() -> Probe:
         err = ctypes.get_errno()
         return Probe("seccomp", False, f"prctl(PR_GET_SECCOMP) failed: {_errname(err)}")
     try:
-        import pyseccomp  # noqa: PLC0415 - costly import (runs ldconfig), only when probed
+        import pyseccomp
     except (ImportError, OSError) as exc:
         return Probe("seccomp", False, f"libseccomp not importable (pyseccomp): {exc}")
 

@@ -151,7 +151,9 @@ class Signature:
         try:
             public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(m.group(1).decode()))
         except ValueError:
-            raise VerificationError("manifest.sig: the public key is not a valid ed25519 key") from None
+            raise VerificationError(
+                "manifest.sig: the public key is not a valid ed25519 key"
+            ) from None
         return cls(public, bytes.fromhex(m.group(2).decode()))
 
     def verify(self, manifest: bytes) -> None:
@@ -184,9 +186,7 @@ class TrustStore:
                 raise KeyFileError(f"trust store {path}: more than {MAX_TRUSTED_KEYS} keys")
             trusted = frozenset(fingerprint(load_public_key(p)) for p in keys)
             revoked_path = path / REVOKED_NAME
-            revoked = (
-                _parse_revoked(revoked_path) if revoked_path.exists() else frozenset[str]()
-            )
+            revoked = _parse_revoked(revoked_path) if revoked_path.exists() else frozenset[str]()
         elif path.exists():
             trusted = frozenset({fingerprint(load_public_key(path))})
             revoked = frozenset()
@@ -207,11 +207,11 @@ class TrustStore:
 def _parse_revoked(path: Path) -> frozenset[str]:
     out: set[str] = set()
     text = _read_small(path, "revocation list")
-    for lineno, line in enumerate(text.decode("ascii", "replace").splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
+    for lineno, raw in enumerate(text.decode("ascii", "replace").splitlines(), 1):
+        entry = raw.split("#", 1)[0].strip()
+        if not entry:
             continue
-        if not re.fullmatch(r"[0-9a-f]{64}", line):
+        if not re.fullmatch(r"[0-9a-f]{64}", entry):
             raise KeyFileError(f"revocation list {path}:{lineno}: not a sha256 fingerprint")
-        out.add(line)
+        out.add(entry)
     return frozenset(out)

@@ -81,7 +81,9 @@ def check_module(wasm: bytes, memory_limit_mb: int | None = None) -> ModuleInfo:
     for imp in module.imports:
         where = f"{imp.module}.{imp.name}"
         if imp.module != abi.IMPORT_MODULE:
-            raise ManifestError(f"wasm: import {where!r} is outside ABI v1 (module 'forgeone' only)")
+            raise ManifestError(
+                f"wasm: import {where!r} is outside ABI v1 (module 'forgeone' only)"
+            )
         if imp.name not in abi.IMPORTS:
             raise ManifestError(f"wasm: import {where!r} is not an ABI v1 function")
         if not isinstance(imp.type, wasmtime.FuncType):
@@ -107,7 +109,9 @@ def check_module(wasm: bytes, memory_limit_mb: int | None = None) -> ModuleInfo:
             raise ManifestError(f"wasm: export {name!r} must be a function")
         got = _sig(et)
         if got != want:
-            raise ManifestError(f"wasm: export {name!r} has type {_fmt(got)}, ABI v1 says {_fmt(want)}")
+            raise ManifestError(
+                f"wasm: export {name!r} has type {_fmt(got)}, ABI v1 says {_fmt(want)}"
+            )
     if ("alloc" in exports) != ("handle" in exports):
         raise ManifestError("wasm: 'alloc' and 'handle' must be exported together")
     min_pages = int(mem.limits.min)

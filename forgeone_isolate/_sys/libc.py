@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
+import socket
+import struct
 from typing import Final
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -76,7 +79,13 @@ _libc.umount2.restype = ctypes.c_int
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.sethostname.restype = ctypes.c_int
 _libc.syscall.restype = ctypes.c_long
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.prctl.argtypes = [
+    ctypes.c_int,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
 _libc.prctl.restype = ctypes.c_int
 
 
@@ -92,7 +101,9 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int, data: str | None
+) -> None:
     """mount(2)."""
     _check(
         _libc.mount(
@@ -114,7 +125,9 @@ def umount2(target: str, flags: int) -> None:
 def pivot_root(new_root: str, put_old: str) -> None:
     """pivot_root(2) (no glibc wrapper)."""
     _check(
-        _libc.syscall(SYS_pivot_root, ctypes.c_char_p(new_root.encode()), ctypes.c_char_p(put_old.encode())),
+        _libc.syscall(
+            SYS_pivot_root, ctypes.c_char_p(new_root.encode()), ctypes.c_char_p(put_old.encode())
+        ),
         "pivot_root",
     )
 
@@ -135,7 +148,9 @@ def close_range(first: int, last: int = 0xFFFFFFFF) -> None:
 
 def clear_ambient_caps() -> None:
     """prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)."""
-    _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "PR_CAP_AMBIENT_CLEAR_ALL")
+    _check(
+        _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "PR_CAP_AMBIENT_CLEAR_ALL"
+    )
 
 
 def set_securebits(bits: int) -> None:
@@ -164,10 +179,6 @@ def capset_clear() -> None:
 
 def set_interface_up(name: str) -> None:
     """SIOCSIFFLAGS |= IFF_UP on ``name`` (used for ``lo`` in a new net namespace)."""
-    import fcntl
-    import socket
-    import struct
-
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         ifreq = struct.pack("16sH14x", name.encode(), 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifreq))[1]
