@@ -47,6 +47,8 @@ class LaunchResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     cgroup: dict[str, Any] = field(default_factory=dict)
     logs: list[tuple[int, str]] = field(default_factory=list)
+    #: milliseconds from fork to each setup marker and to the guest's first broker call
+    timings: dict[str, float] = field(default_factory=dict)
     exit_status: int = EXIT_PLUGIN_FAILED
 
 
@@ -151,7 +153,11 @@ def run_plan(
         "violations": broker.stats.violations,
         "by_op": broker.stats.by_op,
     }
-    result.metrics = {"wall_ms": round((time.monotonic() - started) * 1000, 2), **stats}
+    result.metrics = {
+        "wall_ms": round((time.monotonic() - started) * 1000, 2),
+        "timings_ms": result.timings,
+        **stats,
+    }
     return result
 
 
@@ -190,7 +196,8 @@ class _Supervisor:
         self.pid1_status: int | None = None
         self.step_failed: dict[str, Any] | None = None
         self.kill_reason: str | None = None
-        self.deadline = time.monotonic() + SETUP_DEADLINE_S
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + SETUP_DEADLINE_S
         self.observed = False
 
     def kill(self, reason: str) -> None:
@@ -225,12 +232,16 @@ class _Supervisor:
         _, status = os.waitpid(self.keeper, 0)
         self._conclude(status)
 
+    def _mark(self, name: str) -> None:
+        self.result.timings[name] = round((time.monotonic() - self.t0) * 1000, 3)
+
     def _on_control(self) -> bool:
         msg = markers.recv(self.ctl)
         if msg is None:
             return False
         m = msg.get("m")
         if m == markers.UNSHARED:
+            self._mark("unshared_ms")
             try:
                 ns.parent_write_id_maps(self.keeper, self.plan.host_uid, self.plan.host_gid)
                 self.pc.add_pid(self.keeper)
@@ -243,8 +254,10 @@ class _Supervisor:
                 self.kill("setup failed")
                 return True
             markers.send(self.ctl, markers.MAPPED)
+            self._mark("mapped_ms")
         elif m == markers.PID1 and isinstance(msg.get("pid"), int):
             self.pid1 = int(msg["pid"])
+            self._mark("pid1_ms")
         elif m == markers.STEP_FAILED:
             self.step_failed = {
                 "step": str(msg.get("step", "?"))[:64],
@@ -256,6 +269,7 @@ class _Supervisor:
             if self.on_observed is not None:
                 self.on_observed(self.result.isolation)
             self.observed = True
+            self._mark("observed_ms")
             self.deadline = time.monotonic() + self.plan.timeout_s
             markers.send(self.ctl, markers.OBSERVED)
         elif m == markers.EXITED and isinstance(msg.get("status"), int):
@@ -271,6 +285,8 @@ class _Supervisor:
             return False
         if not frame:
             return False
+        if "first_call_ms" not in self.result.timings:
+            self._mark("first_call_ms")
         reply = self.broker.handle(frame)
         if self.broker.abusive:
             self.kill("broker protocol abuse")
