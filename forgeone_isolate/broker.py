@@ -2,23 +2,55 @@
 
 The identity (signer, plugin, version, instance) is bound to the channel by the parent when
 the broker is made, never taken from a message. Each request is decoded and validated by
-``protocol`` before dispatch; anything malformed is a denial. Repeated abuse ends the plugin.
+``protocol`` before dispatch; the decision comes from ``policy`` (the plugin's effective
+permissions: what its manifest asked for and the operator granted); every decision is an
+audit record. Denials are written and flushed (fsync) before the answer goes back; allows
+are fsynced in batches (see ``audit``). Repeated abuse (malformed frames, or a flood past
+the rate limit) makes :attr:`Broker.abusive` true and the supervisor kills the plugin.
 
-This is the launch issue's broker: it answers ``log`` and ``clock_now`` and refuses every
-other op with -ENOSYS (audited by count). The policy-driven calls come with the broker issue.
+The broker never trusts a length or a pointer from the child: those were checked by the
+child's shims against guest memory, and are checked again here against the frame.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import ipaddress
+import os
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from forgeone_isolate import abi
+from forgeone_isolate import abi, fsaccess, policy
 from forgeone_isolate import protocol as p
+from forgeone_isolate.audit import AuditLog, summarize
 from forgeone_isolate.errors import BrokerProtocolError
+from forgeone_isolate.kvstore import KvStore, QuotaExceeded
 
 MAX_VIOLATIONS = 16
+#: rate-limited calls tolerated before the flood counts as abuse
+MAX_RATE_DENIALS = 10_000
+MAX_KEPT_LOGS = 1000
+MAX_OUTPUT = 1024 * 1024
+CONNECT_TIMEOUT_S = 5.0
+EAGAIN = -errno.EAGAIN
+EDQUOT = -errno.EDQUOT
+
+Resolver = Callable[[str, int], Sequence[str]]
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (TCP), in the resolver's order."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    out: list[str] = []
+    for *_, sockaddr in infos:
+        addr = str(sockaddr[0])
+        if addr not in out:
+            out.append(addr)
+    return out
 
 
 @dataclass(frozen=True)
@@ -30,6 +62,19 @@ class Identity:
     version: str
     instance: str
 
+    @property
+    def owner(self) -> str:
+        """The key of the plugin's persistent state (kv): stable across launches."""
+        return f"{self.signer}/{self.plugin}"
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "signer": self.signer,
+            "plugin": self.plugin,
+            "version": self.version,
+            "instance": self.instance,
+        }
+
 
 @dataclass
 class BrokerStats:
@@ -38,7 +83,16 @@ class BrokerStats:
     allowed: int = 0
     denied: int = 0
     violations: int = 0
+    rate_denied: int = 0
     by_op: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer: the frame, and a descriptor to pass with it (the caller closes it)."""
+
+    frame: bytes
+    fd: int | None = None
 
 
 def sanitize(text: bytes, limit: int = p.MAX_LOG) -> str:
@@ -48,44 +102,248 @@ def sanitize(text: bytes, limit: int = p.MAX_LOG) -> str:
 
 
 class Broker:
-    """Judges one plugin's requests."""
+    """Judges one plugin's requests under its effective permissions."""
 
-    def __init__(self, identity: Identity, on_log: Callable[[int, str], None]) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        effective: policy.Effective,
+        on_log: Callable[[int, str], None],
+        audit: AuditLog | None = None,
+        kv: KvStore | None = None,
+        resolver: Resolver = system_resolver,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.identity = identity
+        self.effective = effective
         self.stats = BrokerStats()
         self.done: p.Done | None = None
-        self.outputs: list[bytes] = []
+        self.output = bytearray()
+        self.logs_dropped = 0
         self._on_log = on_log
+        self._audit = audit
+        self._kv = kv
+        self._resolver = resolver
+        self._limiter = policy.RateLimiter(effective.rate_per_s, effective.burst, clock)
+        self._rate_window_audited = False
 
     @property
     def abusive(self) -> bool:
-        """True once the child broke the protocol too often: the caller kills it."""
-        return self.stats.violations >= MAX_VIOLATIONS
+        """True once the child broke the protocol or flooded too often: kill it."""
+        return self.stats.violations >= MAX_VIOLATIONS or self.stats.rate_denied >= MAX_RATE_DENIALS
 
-    def handle(self, frame: bytes) -> bytes | None:
+    # ------------------------------------------------------------------ dispatch
+
+    def handle(self, frame: bytes, fds_received: int = 0) -> Reply | None:
         """One request in, one reply out (None when no reply is due)."""
+        started = time.perf_counter_ns()
+        if fds_received:
+            self.stats.violations += 1
+            self._deny_raw("fds", f"{fds_received} descriptor(s) sent by the child", started)
+            return None
         try:
             req = p.decode_request(frame)
-        except BrokerProtocolError:
+        except BrokerProtocolError as e:
             self.stats.violations += 1
-            self.stats.denied += 1
-            self._count("malformed")
-            return None  # the sequence number cannot be trusted: no reply; the child waits
-        self._count(req.op.name.lower())
+            self._deny_raw("malformed", f"{e} ({len(frame)} bytes)", started)
+            return None  # nothing in the frame can be trusted, not even its sequence number
         body = req.body
+        self._count(req.op.name.lower())
         if isinstance(body, p.Done):
             if self.done is None:
                 self.done = body
             return None
+        if not self._limiter.allow():
+            self.stats.rate_denied += 1
+            self.stats.denied += 1
+            if not self._rate_window_audited:
+                self._rate_window_audited = True
+                self._record(
+                    req.op,
+                    {},
+                    False,
+                    "rate limit exceeded (further denials counted, not logged)",
+                    started,
+                )
+            return Reply(p.encode_reply(req.op, req.seq, EAGAIN))
+        self._rate_window_audited = False
+        result, data, fd, args, reason = self._dispatch(body)
+        allowed = result >= 0
+        if allowed:
+            self.stats.allowed += 1
+        else:
+            self.stats.denied += 1
+        self._record(req.op, args, allowed, reason, started)
+        return Reply(p.encode_reply(req.op, req.seq, result, data), fd)
+
+    def _dispatch(self, body: p.Request) -> tuple[int, bytes, int | None, dict[str, Any], str]:
+        """(result, reply data, descriptor to pass, audit args, reason)."""
         if isinstance(body, p.Log):
-            self.stats.allowed += 1
-            self._on_log(body.level, sanitize(body.message))
-            return p.encode_reply(req.op, req.seq, 0)
+            return self._log(body)
         if isinstance(body, p.ClockNow):
-            self.stats.allowed += 1
-            return p.encode_reply(req.op, req.seq, time.time_ns())
-        self.stats.denied += 1
-        return p.encode_reply(req.op, req.seq, abi.ENOSYS)
+            return time.time_ns(), b"", None, {}, "allowed"
+        if isinstance(body, p.Random):
+            return body.length, os.urandom(body.length), None, {"length": body.length}, "allowed"
+        if isinstance(body, p.ConfigGet):
+            return self._config_get(body)
+        if isinstance(body, p.KvGet | p.KvSet):
+            return self._kv_op(body)
+        if isinstance(body, p.FsOpen):
+            return self._fs_open(body)
+        if isinstance(body, p.NetConnect):
+            return self._net_connect(body)
+        if isinstance(body, p.Output):
+            return self._output(body)
+        return abi.ENOSYS, b"", None, {}, "unknown call"  # pragma: no cover - decoder covers ops
+
+    # ------------------------------------------------------------------ ops
+
+    def _log(self, body: p.Log) -> tuple[int, bytes, int | None, dict[str, Any], str]:
+        text = sanitize(body.message)
+        self._on_log(body.level, text)
+        return (
+            0,
+            b"",
+            None,
+            {"level": abi.LOG_LEVELS[body.level], "message": summarize(body.message)},
+            "allowed",
+        )
+
+    def _config_get(self, body: p.ConfigGet) -> tuple[int, bytes, int | None, dict[str, Any], str]:
+        key = body.key.decode("utf-8", "replace")
+        args = {"key": sanitize(body.key, 128)}
+        decision = policy.check_config(self.effective, key)
+        if not decision.allowed:
+            return abi.EPERM, b"", None, args, decision.reason
+        value = self.effective.config[key].encode()
+        return len(value), value[: body.buflen], None, args, "allowed"
+
+    def _kv_op(self, body: p.KvGet | p.KvSet) -> tuple[int, bytes, int | None, dict[str, Any], str]:
+        args: dict[str, Any] = {"key": summarize(body.key)}
+        decision = policy.check_kv(self.effective)
+        if not decision.allowed:
+            return abi.EPERM, b"", None, args, decision.reason
+        if self._kv is None:
+            return abi.EIO, b"", None, args, "no kv store configured"
+        if isinstance(body, p.KvGet):
+            value = self._kv.get(self.identity.owner, body.key)
+            if value is None:
+                return abi.ENOENT, b"", None, args, "no such key"
+            return len(value), value[: body.buflen], None, args, "allowed"
+        args["value"] = summarize(body.value)
+        try:
+            self._kv.set(self.identity.owner, body.key, body.value, self.effective.kv_quota_bytes)
+        except QuotaExceeded as e:
+            return EDQUOT, b"", None, args, str(e)
+        return 0, b"", None, args, "allowed"
+
+    def _fs_open(self, body: p.FsOpen) -> tuple[int, bytes, int | None, dict[str, Any], str]:
+        path = body.path.decode("utf-8", "replace")
+        args: dict[str, Any] = {"path": sanitize(body.path, 256), "flags": body.flags}
+        try:
+            mode = fsaccess.Mode(body.flags)
+        except ValueError:
+            return (
+                abi.EINVAL,
+                b"",
+                None,
+                args,
+                f"flags {body.flags} are not 0 (read), 1 (write) or 2 (create)",
+            )
+        decision, root, relative = policy.check_fs(
+            self.effective, path, write=mode is not fsaccess.Mode.READ
+        )
+        if not decision.allowed or root is None or relative is None:
+            return abi.EPERM, b"", None, args, decision.reason
+        try:
+            fd = fsaccess.open_beneath(root, relative, mode)
+        except OSError as e:
+            code = e.errno or errno.EIO
+            return -code, b"", None, args, f"open beneath {root}: {errno.errorcode.get(code, code)}"
+        return 0, b"", fd, args, f"allowed beneath {root}"
+
+    def _net_connect(
+        self, body: p.NetConnect
+    ) -> tuple[int, bytes, int | None, dict[str, Any], str]:
+        host = body.host.decode("utf-8", "replace").lower()
+        args: dict[str, Any] = {"host": sanitize(body.host, 253), "port": body.port}
+        if not 0 < body.port < 65536:
+            return abi.EINVAL, b"", None, args, f"port {body.port} out of range"
+        host = _normalise_host(host)
+        decision = policy.check_net(self.effective, host, body.port)
+        if not decision.allowed:
+            return abi.EPERM, b"", None, args, decision.reason
+        try:
+            addresses = list(self._resolver(host, body.port))
+        except (OSError, UnicodeError) as e:
+            return abi.ENOENT, b"", None, args, f"cannot resolve: {e}"
+        args["resolved"] = addresses
+        decision = policy.check_resolved(self.effective, host, addresses)
+        if not decision.allowed or not addresses:
+            return abi.EPERM, b"", None, args, decision.reason or "resolved to nothing"
+        last = errno.ECONNREFUSED
+        for addr in addresses:  # connect to the very addresses that were checked
+            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.settimeout(CONNECT_TIMEOUT_S)
+            try:
+                sock.connect((addr, body.port))
+            except OSError as e:
+                last = e.errno or errno.ECONNREFUSED
+                sock.close()
+                continue
+            sock.setblocking(True)
+            return 0, b"", sock.detach(), args, f"connected to {addr}"
+        return -last, b"", None, args, f"connect failed: {errno.errorcode.get(last, last)}"
+
+    def _output(self, body: p.Output) -> tuple[int, bytes, int | None, dict[str, Any], str]:
+        args = {"data": summarize(body.data)}
+        if len(self.output) + len(body.data) > MAX_OUTPUT:
+            return abi.E2BIG, b"", None, args, f"output beyond {MAX_OUTPUT} bytes"
+        self.output += body.data
+        return len(body.data), b"", None, args, "allowed"
+
+    # ------------------------------------------------------------------ audit
 
     def _count(self, name: str) -> None:
         self.stats.by_op[name] = self.stats.by_op.get(name, 0) + 1
+
+    def _deny_raw(self, op: str, reason: str, started: int) -> None:
+        self.stats.denied += 1
+        self._count(op)
+        self._write_audit(op, {}, False, reason, started)
+
+    def _record(
+        self, op: p.Op, args: dict[str, Any], allowed: bool, reason: str, started: int
+    ) -> None:
+        self._write_audit(op.name.lower(), args, allowed, reason, started)
+
+    def _write_audit(
+        self, op: str, args: dict[str, Any], allowed: bool, reason: str, started: int
+    ) -> None:
+        if self._audit is None:
+            return
+        self._audit.append(
+            {
+                "time": time.time(),
+                "identity": self.identity.as_dict(),
+                "op": op,
+                "args": args,
+                "decision": "allow" if allowed else "deny",
+                "reason": reason,
+                "latency_us": round((time.perf_counter_ns() - started) / 1000, 1),
+            },
+            durable=not allowed,
+        )
+
+    def close(self) -> None:
+        """Flush the audit trail."""
+        if self._audit is not None:
+            with contextlib.suppress(OSError):
+                self._audit.close()
+
+
+def _normalise_host(host: str) -> str:
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host.strip("[]")))
+    return host

@@ -495,7 +495,9 @@ class CgroupHost:
         try:
             cg._setup(limits)
         except BaseException:
-            cg.remove()
+            # Leave nothing behind; the setup error is the one worth reporting.
+            with contextlib.suppress(SetupError):
+                cg.remove()
             raise
         return cg
 

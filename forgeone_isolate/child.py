@@ -154,17 +154,17 @@ def sandbox_sequence(
         k.sethostname(plan.hostname)
     with step("network"):
         k.set_interface_up("lo")  # loopback only: a new net namespace has nothing else
-    with step("prepare"):
-        # Everything that allocates big or reads files happens before the doors close:
-        # the payload (wasmtime engine, module, store, linker) and the filter program.
-        payload = payload_factory()
-        program = seccomp_filter.build_filter(plan.seccomp_allow, plan.seccomp_fds)
     with step("fds"):
         fds.setup_fds(k, chans.devnull, chans.broker.fileno(), chans.control.fileno())
         if isinstance(k, RealKernel):
             chans.control.detach()
             chans.control = socket.socket(fileno=fds.CONTROL_FD)
     control = chans.control
+    with step("prepare"):
+        # Everything that allocates big happens before the doors close: the payload
+        # (wasmtime engine, module, store, linker, broker socket) and the filter program.
+        payload = payload_factory()
+        program = seccomp_filter.build_filter(plan.seccomp_allow, plan.seccomp_min_fd)
     with step("rlimits"):
         limits = list(plan.rlimits)
         address_space = vm_size + plan.as_headroom + plan.memory_bytes

@@ -176,7 +176,25 @@ def _cmd_launch(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
-    raise UsageError("audit: not built yet (the broker issue adds `audit verify`)")
+    """``audit verify FILE``: 0 intact, 1 tampered (line and reason), 2 unreadable."""
+    from forgeone_isolate import audit
+    from forgeone_isolate.errors import EXIT_PLUGIN_FAILED, BadInputError
+
+    if args.audit_command != "verify":
+        raise UsageError("audit: an action is required: verify FILE")
+    try:
+        result = audit.verify(args.file)
+    except OSError as e:
+        raise BadInputError(f"audit log {args.file}: cannot read: {e.strerror or e}") from None
+    if result.ok:
+        print(f"OK: {args.file}: {result.reason}", file=out)
+        return EXIT_OK
+    print(
+        f"TAMPERED: {args.file}: line {result.line}: {result.reason}"
+        f" ({result.records} intact records before it)",
+        file=out,
+    )
+    return EXIT_PLUGIN_FAILED
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {

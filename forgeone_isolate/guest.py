@@ -10,7 +10,9 @@ otherwise). Each import is one request on the broker socket, written and read wi
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,22 +24,56 @@ from forgeone_isolate import protocol as p
 from forgeone_isolate.wasm import WASM_PAGE, make_engine
 
 MASK32 = 0xFFFFFFFF
+#: passed descriptors a guest may hold at once (RLIMIT_NOFILE bounds them as well)
+MAX_HANDLES = 8
+#: the largest single fd_read / fd_write
+MAX_IO = 64 * 1024
+_FD_ANCILLARY = socket.CMSG_SPACE(4)
 _I32 = wasmtime.ValType.i32()
 _I64 = wasmtime.ValType.i64()
 
 
 class _Channel:
-    """The broker socket, as the shims see it."""
+    """The broker socket, as the shims see it, and the table of passed descriptors.
+
+    Handles are indices into the child's own table, never raw descriptor numbers.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.seq = 0
+        # Built before the filter: constructing a socket object makes syscalls of its own.
+        self.sock = socket.socket(fileno=fd)
+        self.handles: dict[int, int] = {}
+        self._next_handle = 1
 
     def call(self, op: p.Op, frame_body: Callable[[int], bytes]) -> tuple[int, bytes]:
         self.seq = (self.seq + 1) & MASK32
         os.write(self.fd, frame_body(self.seq))
         reply = os.read(self.fd, p.MAX_FRAME)
         return p.decode_reply(reply, op, self.seq)
+
+    def call_for_fd(self, op: p.Op, frame_body: Callable[[int], bytes]) -> int:
+        """A request answered with a descriptor: returns a new handle or a negative errno."""
+        if len(self.handles) >= MAX_HANDLES:
+            return -errno.EMFILE
+        self.seq = (self.seq + 1) & MASK32
+        os.write(self.fd, frame_body(self.seq))
+        reply, ancdata, _flags, _addr = self.sock.recvmsg(p.MAX_FRAME, _FD_ANCILLARY)
+        fds: list[int] = []
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(data) - len(data) % 4
+                fds.extend(int.from_bytes(data[i : i + 4], "little") for i in range(0, usable, 4))
+        result, _ = p.decode_reply(reply, op, self.seq)
+        if result < 0 or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            return result if result < 0 else abi.EIO
+        handle = self._next_handle
+        self._next_handle += 1
+        self.handles[handle] = fds[0]
+        return handle
 
     def done(self, phase: int, code: int, kind: p.DoneKind, message: str) -> None:
         with contextlib.suppress(OSError):
@@ -211,8 +247,10 @@ def _define_imports(linker: wasmtime.Linker, ch: _Channel, memory_limit: int) ->
         def open_(caller: wasmtime.Caller, ptr: int, length: int, value: int) -> int:
             text = _read(caller, ptr, length, limit)
             if text is None:
-                return abi.EFAULT
-            return ch.call(op, lambda s: p.encode_i32_text(op, s, value, text))[0]
+                return abi.EFAULT if (length & MASK32) <= limit else abi.E2BIG
+            if not text:
+                return abi.EINVAL
+            return ch.call_for_fd(op, lambda s: p.encode_i32_text(op, s, value, text))
 
         return open_
 
@@ -222,11 +260,41 @@ def _define_imports(linker: wasmtime.Linker, ch: _Channel, memory_limit: int) ->
             return abi.EFAULT if (length & MASK32) <= p.MAX_DATA else abi.E2BIG
         return ch.call(p.Op.OUTPUT, lambda s: p.encode(p.Op.OUTPUT, s, data))[0]
 
-    def fd_io(caller: wasmtime.Caller, handle: int, ptr: int, length: int) -> int:
-        return abi.EBADF  # no handle can exist until the broker passes descriptors
+    def fd_read(caller: wasmtime.Caller, handle: int, ptr: int, length: int) -> int:
+        fd = ch.handles.get(handle)
+        if fd is None:
+            return abi.EBADF
+        length = min(length & MASK32, MAX_IO)
+        if not _writable(caller, ptr, length):
+            return abi.EFAULT
+        try:
+            data = os.read(fd, length)
+        except OSError as e:
+            return -(e.errno or errno.EIO)
+        mem = _mem(caller)
+        assert mem is not None
+        mem.write(caller, data, ptr & MASK32)
+        return len(data)
+
+    def fd_write(caller: wasmtime.Caller, handle: int, ptr: int, length: int) -> int:
+        fd = ch.handles.get(handle)
+        if fd is None:
+            return abi.EBADF
+        data = _read(caller, ptr, min(length & MASK32, MAX_IO), MAX_IO)
+        if data is None:
+            return abi.EFAULT
+        try:
+            return os.write(fd, data)
+        except OSError as e:
+            return -(e.errno or errno.EIO)
 
     def fd_close(handle: int) -> int:
-        return abi.EBADF
+        fd = ch.handles.pop(handle, None)
+        if fd is None:
+            return abi.EBADF
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        return 0
 
     impls: dict[str, tuple[Callable[..., Any], bool]] = {
         "log": (log, True),
@@ -237,8 +305,8 @@ def _define_imports(linker: wasmtime.Linker, ch: _Channel, memory_limit: int) ->
         "kv_set": (kv_set, True),
         "fs_open": (_opener(p.Op.FS_OPEN, p.MAX_PATH), True),
         "net_connect": (_opener(p.Op.NET_CONNECT, p.MAX_HOST), True),
-        "fd_read": (fd_io, True),
-        "fd_write": (fd_io, True),
+        "fd_read": (fd_read, True),
+        "fd_write": (fd_write, True),
         "fd_close": (fd_close, False),
         "output": (output, True),
     }

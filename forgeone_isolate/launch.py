@@ -15,6 +15,7 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -23,16 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from forgeone_isolate import abi, cgroup, markers, ns, observe, package, signing, wasm
+from forgeone_isolate import abi, cgroup, markers, ns, observe, package, policy, signing, wasm
 from forgeone_isolate import child as child_mod
 from forgeone_isolate import protocol as p
-from forgeone_isolate.broker import Broker, Identity
-from forgeone_isolate.errors import EXIT_OK, EXIT_PLUGIN_FAILED, PolicyError, SetupError
+from forgeone_isolate.audit import AuditLog
+from forgeone_isolate.broker import Broker, Identity, Resolver, system_resolver
+from forgeone_isolate.kvstore import KvStore
+from forgeone_isolate.errors import EXIT_OK, EXIT_PLUGIN_FAILED, SetupError
 from forgeone_isolate.plan import SandboxPlan, build_plan
 from forgeone_isolate.uidpool import lease_uid
 
 DEFAULT_STATE_DIR = Path("/var/lib/forgeone")
 SETUP_DEADLINE_S = 15.0
+MAX_KEPT_LOGS = 1000
+#: room for a few descriptors: anything the child sends is counted, closed and refused
+_ANCILLARY_SPACE = socket.CMSG_SPACE(16 * 4)
 TERM_GRACE_S = 2.0
 
 
@@ -47,6 +53,8 @@ class LaunchResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     cgroup: dict[str, Any] = field(default_factory=dict)
     logs: list[tuple[int, str]] = field(default_factory=list)
+    logs_dropped: int = 0
+    output: bytes = b""
     #: milliseconds from fork to each setup marker and to the guest's first broker call
     timings: dict[str, float] = field(default_factory=dict)
     exit_status: int = EXIT_PLUGIN_FAILED
@@ -86,8 +94,14 @@ def run_plan(
     cgroups: cgroup.CgroupHost,
     on_log: Callable[[int, str], None] | None = None,
     on_observed: Callable[[dict[str, Any]], None] | None = None,
+    audit: AuditLog | None = None,
+    kv: KvStore | None = None,
+    resolver: Resolver | None = None,
 ) -> LaunchResult:
     """Execute ``plan``: fork, contain, serve, reap, clean. Never leaves anything behind.
+
+    ``audit`` and ``kv`` are the broker's audit trail and the plugin's persistent store;
+    ``resolver`` replaces the system's name resolution for ``net_connect`` (tests).
 
     Raises: SetupError when the sandbox could not be built (the step and errno named).
     """
@@ -99,9 +113,20 @@ def run_plan(
         pids=plan.pids + 1,  # + the keeper process outside the plugin's PID namespace
         io_bps=None,
     )
+
+    def keep_log(level: int, text: str) -> None:
+        if len(result.logs) < MAX_KEPT_LOGS:
+            result.logs.append((level, text))
+        else:
+            result.logs_dropped += 1
+
     broker = Broker(
         Identity(plan.signer, plan.plugin, plan.version, plan.instance_id),
-        on_log or (lambda level, text: result.logs.append((level, text))),
+        plan.effective,
+        on_log or keep_log,
+        audit=audit,
+        kv=kv,
+        resolver=resolver or system_resolver,
     )
     witness = observe.SeccompWitness()
     pc = cgroups.create(f"{plan.plugin}-{plan.instance_id}", limits)
@@ -143,6 +168,7 @@ def run_plan(
             stats = pc.stats()
         pc.remove()
         witness.close()
+        broker.close()
         for s in (ctl_parent, brk_parent):
             s.close()
         if devnull >= 0:
@@ -151,14 +177,31 @@ def run_plan(
         "allowed": broker.stats.allowed,
         "denied": broker.stats.denied,
         "violations": broker.stats.violations,
+        "rate_limited": broker.stats.rate_denied,
         "by_op": broker.stats.by_op,
     }
+    result.output = bytes(broker.output)
     result.metrics = {
         "wall_ms": round((time.monotonic() - started) * 1000, 2),
         "timings_ms": result.timings,
         **stats,
     }
     return result
+
+
+def _close_passed_fds(ancdata: list[tuple[int, int, bytes]]) -> int:
+    """Close any descriptor the child tried to pass us; return how many there were."""
+    count = 0
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            for i in range(0, usable, 4):
+                with contextlib.suppress(OSError):
+                    os.close(int.from_bytes(data[i : i + 4], sys.byteorder, signed=True))
+                count += 1
+        else:
+            count += 1
+    return count
 
 
 def _kill_and_reap(pid: int) -> None:
@@ -280,20 +323,38 @@ class _Supervisor:
 
     def _on_broker(self) -> bool:
         try:
-            frame = self.brk.recv(p.MAX_FRAME + 1)
+            frame, ancdata, flags, _ = self.brk.recvmsg(p.MAX_FRAME + 1, _ANCILLARY_SPACE)
         except OSError:
             return False
-        if not frame:
+        if not frame and not ancdata:
             return False
         if "first_call_ms" not in self.result.timings:
             self._mark("first_call_ms")
-        reply = self.broker.handle(frame)
+        smuggled = _close_passed_fds(ancdata)
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            smuggled = max(smuggled, 1)
+        reply = self.broker.handle(frame, fds_received=smuggled)
         if self.broker.abusive:
-            self.kill("broker protocol abuse")
+            self.kill(
+                "abuse: " + ("rate limit" if self.broker.stats.rate_denied else "broker protocol")
+            )
+            if reply is not None and reply.fd is not None:
+                os.close(reply.fd)
             return True
         if reply is not None:
-            with contextlib.suppress(OSError):
-                self.brk.send(reply)
+            try:
+                if reply.fd is None:
+                    self.brk.send(reply.frame)
+                else:
+                    self.brk.sendmsg(
+                        [reply.frame],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", reply.fd))],
+                    )
+            except OSError:
+                pass
+            finally:
+                if reply.fd is not None:
+                    os.close(reply.fd)
         return True
 
     def _conclude(self, keeper_status: int) -> None:
@@ -370,26 +431,39 @@ def prepare(
 
 
 def cli_launch(args: argparse.Namespace, out: TextIO) -> int:
-    """``launch``: verify, plan, run, report. Returns the exit status."""
+    """``launch``: policy, verify, plan, run, report. Returns the exit status."""
     state_dir: Path = args.state_dir or DEFAULT_STATE_DIR
+    pol = policy.Policy.load(args.policy) if args.policy is not None else policy.Policy.deny_all()
     pkg, info = prepare(args.package, args.trust, state_dir)
-    if args.policy is not None and not args.policy.is_file():
-        raise PolicyError(f"policy {args.policy}: no such file")
+    manifest = pkg.manifest
+    grant = pol.grant_for(pkg.signer, manifest.name)
+    eff = policy.effective(manifest.permissions, grant, pol.defaults)
+    limits = policy.cap_limits(manifest.limits, eff)
     if args.dry_run:
-        plan = build_plan(pkg.manifest, pkg.signer, host_uid=-1, lifecycle=info.lifecycle)
+        plan = build_plan(manifest, pkg.signer, -1, info.lifecycle, eff, limits)
         json.dump(plan.as_dict(), out, indent=2, sort_keys=True)
         out.write("\n")
         return EXIT_OK
     serialized = wasm.compile_serialized(pkg.wasm)
     cgroups = cgroup.detect()
-    with lease_uid(state_dir / "uids") as lease:
-        plan = build_plan(pkg.manifest, pkg.signer, host_uid=lease.uid, lifecycle=info.lifecycle)
-        result = run_plan(
-            plan,
-            child_mod.make_guest_payload(serialized, plan),
-            cgroups,
-            on_log=None if args.json else _log_printer(out, plan.plugin),
-        )
+    kv = KvStore(state_dir / "kv.sqlite3") if eff.kv else None
+    try:
+        with (
+            lease_uid(state_dir / "uids") as lease,
+            AuditLog(state_dir / "audit" / f"{manifest.name}.jsonl") as audit,
+        ):
+            plan = build_plan(manifest, pkg.signer, lease.uid, info.lifecycle, eff, limits)
+            result = run_plan(
+                plan,
+                child_mod.make_guest_payload(serialized, plan),
+                cgroups,
+                on_log=None if args.json else _log_printer(out, plan.plugin),
+                audit=audit,
+                kv=kv,
+            )
+    finally:
+        if kv is not None:
+            kv.close()
     report: dict[str, Any] = {
         "status": result.status,
         "reason": result.reason,
@@ -398,6 +472,7 @@ def cli_launch(args: argparse.Namespace, out: TextIO) -> int:
         "isolation": {**result.isolation, "cgroup_limits": result.cgroup},
         "broker": result.broker,
         "metrics": result.metrics,
+        "output": result.output.decode("utf-8", "replace"),
     }
     if args.json:
         report["logs"] = [{"level": abi.LOG_LEVELS[lv], "text": t} for lv, t in result.logs]

@@ -24,16 +24,17 @@ MAX_DEPTH: Final = 6
 MAX_FILES: Final = 64
 MAX_LIST: Final = 64
 
-NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# Patterns end in \Z, not $: $ also matches before a trailing newline.
+NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 #: member paths: components start with an alphanumeric or '_', so '.', '..' and hidden
 #: files are impossible by construction.
 MEMBER_RE: Final = re.compile(
-    r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}(/[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}){0,7}$"
+    r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}(/[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}){0,7}\Z"
 )
-SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
-CONFIG_KEY_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}\Z")
+CONFIG_KEY_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 HOSTNAME_RE: Final = re.compile(
-    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+    r"^(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
 )
 
 MANIFEST_NAME: Final = "manifest.json"
@@ -181,6 +182,8 @@ def load_json(data: bytes, what: str = "manifest") -> Any:
         raise ManifestError(
             f"{what}: not JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from None
+    except ValueError as e:  # an integer beyond sys.get_int_max_str_digits() digits
+        raise ManifestError(f"{what}: not acceptable JSON: {str(e)[:80]}") from None
     except RecursionError:  # pragma: no cover - check_depth makes this unreachable
         raise ManifestError(f"{what}: JSON nested too deep") from None
 
@@ -283,7 +286,7 @@ def check_abs_path(path: str, where: str) -> str:
 
 def parse_hostport(text: str, where: str) -> tuple[str, int]:
     """Parse ``host:port`` (``[v6]:port`` for IPv6). Raises: ManifestError."""
-    m = re.match(r"^(\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]{1,5})$", text)
+    m = re.match(r"^(\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]{1,5})\Z", text)
     if m is None:
         raise ManifestError(f"manifest: {where}: {text[:80]!r} is not host:port")
     port = int(m.group("port"))
@@ -295,9 +298,10 @@ def parse_hostport(text: str, where: str) -> tuple[str, int]:
         except ValueError:
             raise ManifestError(f"manifest: {where}: bad IPv6 address in {text[:80]!r}") from None
     else:
-        host = m.group("host").lower()
-        if not HOSTNAME_RE.match(host):
+        host = m.group("host")
+        if not HOSTNAME_RE.match(host):  # before lower(): 'K' (Kelvin sign) lowers to 'k'
             raise ManifestError(f"manifest: {where}: bad host name in {text[:80]!r}")
+        host = host.lower()
     return host, port
 
 

@@ -41,7 +41,9 @@ _CHUNK: Final = 64 * 1024
 def read_bounded_file(path: Path, limit: int = MAX_PACKAGE_BYTES) -> bytes:
     """Read a package file, refusing one larger than ``limit``. Raises: PackageError."""
     try:
-        with path.open("rb") as f:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer before fstat refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise PackageError(f"package {path}: not a regular file")
             data = f.read(limit + 1)
@@ -104,18 +106,21 @@ def read_members(data: bytes) -> dict[str, bytes]:
     if len(data) > MAX_PACKAGE_BYTES:
         raise PackageError(f"package: larger than {MAX_PACKAGE_BYTES} bytes")
     raw = gunzip_bounded(data)
+    _refuse_extension_headers(raw)
     members: dict[str, bytes] = {}
     total = 0
+    # tarfile is not hardened against hostile input: besides TarError it raises ValueError,
+    # RecursionError and others from deep inside its header parsing.
     try:
         tf = tarfile.open(fileobj=io.BytesIO(raw), mode="r:")  # noqa: SIM115 - in memory
-    except tarfile.TarError as e:
-        raise PackageError(f"package: not a tar archive ({e})") from None
+    except Exception as e:
+        raise PackageError(f"package: not a tar archive ({_why(e)})") from None
     with tf:
         while True:
             try:
                 m = tf.next()
-            except tarfile.TarError as e:
-                raise PackageError(f"package: corrupt tar archive ({e})") from None
+            except Exception as e:
+                raise PackageError(f"package: corrupt tar archive ({_why(e)})") from None
             if m is None:
                 break
             if len(members) >= MAX_MEMBERS:
@@ -127,6 +132,8 @@ def read_members(data: bytes) -> dict[str, bytes]:
             _check_member_name(name)
             if name in members:
                 raise PackageError(f"package: duplicate member {name[:80]!r}")
+            if m.size < 0:
+                raise PackageError(f"package: member {name[:80]!r} has a negative size")
             if m.size > MAX_MEMBER_BYTES:
                 raise PackageError(
                     f"package: member {name[:80]!r} is {m.size} bytes, more than {MAX_MEMBER_BYTES}"
@@ -134,8 +141,13 @@ def read_members(data: bytes) -> dict[str, bytes]:
             total += m.size
             if total > MAX_TOTAL_BYTES:
                 raise PackageError(f"package: members total more than {MAX_TOTAL_BYTES} bytes")
-            f = tf.extractfile(m)
-            body = f.read(m.size + 1) if f is not None else b""
+            try:
+                f = tf.extractfile(m)
+                body = f.read(m.size + 1) if f is not None else b""
+            except Exception as e:
+                raise PackageError(
+                    f"package: member {name[:80]!r} is truncated or corrupt ({_why(e)})"
+                ) from None
             if len(body) != m.size:
                 raise PackageError(f"package: member {name[:80]!r} is truncated")
             members[name] = body
@@ -147,6 +159,63 @@ def read_members(data: bytes) -> dict[str, bytes]:
             "package: data after the end of the tar archive (corrupt or hidden member)"
         )
     return members
+
+
+def _why(e: Exception) -> str:
+    text = " ".join(str(e).split())[:120]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+#: header types that modify the header after them; pack writes plain ustar, never these.
+_EXTENSION_HEADERS: Final = {
+    b"x": "pax extended header",
+    b"g": "pax global header",
+    b"X": "Solaris extended header",
+    b"L": "GNU long name header",
+    b"K": "GNU long link name header",
+}
+
+
+def _header_size(field: bytes) -> int | None:
+    """A header's size field as tarfile reads it (octal or GNU base-256); None if invalid."""
+    if field[0] in (0o200, 0o377):
+        n = int.from_bytes(field[1:], "big")
+        return n - 256 ** (len(field) - 1) if field[0] == 0o377 else n
+    try:
+        return int(field.split(b"\0", 1)[0].decode("ascii").strip() or "0", 8)
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _refuse_extension_headers(raw: bytes) -> None:
+    """Walk the headers as tarfile will and refuse pax and GNU extension headers.
+
+    They are where tar parsers disagree (a pax ``path`` renames a member only for parsers
+    that read it), and CPython 3.11's tarfile parses them recursively and in quadratic time
+    (a few hundred bytes of pax header cost minutes). The walk stops at the end marker or at
+    the first header that is not a regular file: read_members refuses that member before
+    tarfile parses past it.
+
+    Raises: PackageError.
+    """
+    offset = 0
+    while offset + 512 <= len(raw):
+        block = raw[offset : offset + 512]
+        if not block.strip(b"\0"):
+            return
+        typeflag = block[156:157]
+        if typeflag in _EXTENSION_HEADERS:
+            raise PackageError(
+                f"package: {_EXTENSION_HEADERS[typeflag]} at offset {offset};"
+                " packages are plain ustar archives"
+            )
+        name = block[:100].split(b"\0", 1)[0]
+        if typeflag not in (tarfile.REGTYPE, tarfile.AREGTYPE) or name.endswith(b"/"):
+            return
+        size = _header_size(block[124:136])
+        if size is None or size < 0:
+            return
+        offset += 512 + -(-size // 512) * 512
 
 
 def _kind(m: tarfile.TarInfo) -> str:
@@ -331,7 +400,10 @@ def _deterministic_targz(members: dict[str, bytes]) -> bytes:
             info.mtime = 0
             info.uid = info.gid = 0
             info.uname = info.gname = ""
-            tf.addfile(info, io.BytesIO(members[name]))
+            try:
+                tf.addfile(info, io.BytesIO(members[name]))
+            except ValueError as e:  # ustar: a name longer than 100 + 155 bytes
+                raise PackageError(f"pack: {name[:80]!r}: {e}") from None
     out = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=9) as gz:
         gz.write(tar_buf.getvalue())

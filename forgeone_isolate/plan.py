@@ -11,9 +11,9 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from forgeone_isolate import abi, seccomp_filter
-from forgeone_isolate.fds import BROKER_FD, CONTROL_FD
-from forgeone_isolate.manifest import Manifest
+from forgeone_isolate import policy, seccomp_filter
+from forgeone_isolate.fds import BROKER_FD
+from forgeone_isolate.manifest import Limits, Manifest
 
 NAMESPACES: Final = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")
 
@@ -27,10 +27,11 @@ SECCOMP_ALLOW: Final = (
     "mprotect",
     "madvise",
     "mremap",
-    # the broker channel (fd-guarded) and closing the setup channel
+    # the broker channel, the setup channel and passed descriptors (all fd-guarded)
     "read",
     "write",
     "close",
+    "recvmsg",
     # wasmtime's trap handling (guard pages, signals), stack overflow detection
     "rt_sigreturn",
     "rt_sigaction",
@@ -71,20 +72,20 @@ class SandboxPlan:
     rlimits: tuple[tuple[str, int, int], ...]
     as_headroom: int
     seccomp_allow: tuple[str, ...]
-    seccomp_fds: tuple[int, ...]
+    seccomp_min_fd: int
     lifecycle: tuple[str, ...]
-    permissions: dict[str, Any] = field(default_factory=dict)
+    effective: policy.Effective
+    requested: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (``launch --dry-run``)."""
         d = asdict(self)
         d["rlimits"] = {name: {"soft": s, "hard": h} for name, s, h in self.rlimits}
         d["rlimits"]["as"] = f"VmSize at the rlimit step + {self.as_headroom} + memory_bytes"
-        d["seccomp"] = seccomp_filter.describe(
-            self.seccomp_allow, {"broker": BROKER_FD, "control": CONTROL_FD}
-        )
-        for k in ("seccomp_allow", "seccomp_fds", "as_headroom"):
+        d["seccomp"] = seccomp_filter.describe(self.seccomp_allow, self.seccomp_min_fd)
+        for k in ("seccomp_allow", "seccomp_min_fd", "as_headroom"):
             d.pop(k)
+        d["effective"] = policy.effective_as_dict(self.effective)
         return d
 
 
@@ -93,10 +94,15 @@ def build_plan(
     signer: str,
     host_uid: int,
     lifecycle: tuple[str, ...],
+    effective: policy.Effective,
+    limits: Limits | None = None,
 ) -> SandboxPlan:
-    """Compile a verified manifest into a plan. Deny by default: until the operator's
-    policy grants them (the broker issue), no permission the manifest asks for is given."""
-    limits = manifest.limits
+    """Compile a verified manifest and the plugin's effective permissions into a plan.
+
+    ``effective`` comes from ``policy.effective`` (manifest ∩ operator grant, deny by
+    default); ``limits`` are the manifest's limits capped by the policy.
+    """
+    limits = limits or manifest.limits
     return SandboxPlan(
         plugin=manifest.name,
         version=str(manifest.version),
@@ -122,10 +128,8 @@ def build_plan(
         ),
         as_headroom=AS_HEADROOM,
         seccomp_allow=SECCOMP_ALLOW,
-        seccomp_fds=(BROKER_FD, CONTROL_FD),
+        seccomp_min_fd=BROKER_FD,
         lifecycle=tuple(n for n in ("init", "start", "stop", "unload") if n in lifecycle),
-        permissions={"granted": {}, "requested": manifest.permissions.as_dict()},
+        effective=effective,
+        requested=manifest.permissions.as_dict(),
     )
-
-
-__all__ = ["NAMESPACES", "SECCOMP_ALLOW", "SandboxPlan", "abi", "build_plan"]

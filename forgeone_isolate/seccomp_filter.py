@@ -2,14 +2,16 @@
 
 Default action: kill the whole process. Architecture: native only, any other architecture
 (i386 via int 0x80, x32) hits the bad-architecture action, also kill. ``read``/``write``
-(and their socket forms) are limited to the file descriptors the plan names. Built in the
+(and their socket forms, and ``close``) are limited to descriptors from ``min_fd`` up:
+0-2 point at /dev/null and are never the child's to use; everything above is the broker
+socket, the setup channel or a descriptor the broker passed (RLIMIT_NOFILE caps them). Built in the
 child before capabilities are gone (building allocates and reads nothing from disk), loaded
 last of all the sandbox steps: after it, even a bug in our own code cannot widen anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import pyseccomp
@@ -18,14 +20,13 @@ import pyseccomp
 FD_GUARDED = frozenset({"read", "write", "sendto", "recvfrom", "sendmsg", "recvmsg", "close"})
 
 
-def build_filter(allow: Iterable[str], fds: Iterable[int]) -> Any:
-    """A loadable pyseccomp filter allowing ``allow``; fd-taking calls only on ``fds``.
+def build_filter(allow: Iterable[str], min_fd: int) -> Any:
+    """A loadable pyseccomp filter allowing ``allow``; fd-taking calls only on fds >= ``min_fd``.
 
     Raises: ValueError for a syscall name libseccomp does not know.
     """
     f = pyseccomp.SyscallFilter(defaction=pyseccomp.KILL_PROCESS)
     f.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
-    fd_list = sorted(set(fds))
     for name in sorted(set(allow)):
         try:
             number = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
@@ -34,8 +35,7 @@ def build_filter(allow: Iterable[str], fds: Iterable[int]) -> Any:
         if number < 0:
             raise ValueError(f"unknown syscall {name!r}")
         if name in FD_GUARDED:
-            for fd in fd_list:
-                f.add_rule(pyseccomp.ALLOW, name, pyseccomp.Arg(0, pyseccomp.EQ, fd))
+            f.add_rule(pyseccomp.ALLOW, name, pyseccomp.Arg(0, pyseccomp.GE, min_fd))
         else:
             f.add_rule(pyseccomp.ALLOW, name)
     return f
@@ -52,12 +52,12 @@ def syscall_name(number: int) -> str:
     return str(name) if name else f"syscall {number}"
 
 
-def describe(allow: Iterable[str], fds: Mapping[str, int]) -> dict[str, Any]:
+def describe(allow: Iterable[str], min_fd: int) -> dict[str, Any]:
     """A plan-friendly description of a filter."""
     return {
         "default": "kill_process",
         "bad_arch": "kill_process",
         "allow": sorted(set(allow)),
         "fd_guarded": sorted(FD_GUARDED & set(allow)),
-        "fds": dict(fds),
+        "fd_guard": f"first argument >= {min_fd}",
     }

@@ -11,12 +11,12 @@ import re
 from dataclasses import dataclass
 from functools import total_ordering
 
-_NUM = r"0|[1-9]\d{0,8}"
+_NUM = r"0|[1-9][0-9]{0,8}"  # not \d: it matches non-ASCII digits, which int() accepts
 _IDENT = r"[0-9A-Za-z-]+"
 SEMVER_RE = re.compile(
     rf"^(?P<major>{_NUM})\.(?P<minor>{_NUM})\.(?P<patch>{_NUM})"
     rf"(?:-(?P<pre>{_IDENT}(?:\.{_IDENT})*))?"
-    rf"(?:\+(?P<build>{_IDENT}(?:\.{_IDENT})*))?$"
+    rf"(?:\+(?P<build>{_IDENT}(?:\.{_IDENT})*))?\Z"
 )
 MAX_VERSION_LEN = 128
 

@@ -14,17 +14,18 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from forgeone_isolate.errors import KeyFileError, VerificationError
 
-SIG_RE: Final = re.compile(rb"^ed25519 ([0-9a-f]{64}) ([0-9a-f]{128})\n$")
+SIG_RE: Final = re.compile(rb"^ed25519 ([0-9a-f]{64}) ([0-9a-f]{128})\n\Z")
 MAX_KEY_FILE: Final = 16 * 1024
 MAX_TRUSTED_KEYS: Final = 1024
 REVOKED_NAME: Final = "revoked"
@@ -52,7 +53,10 @@ def keygen(out_dir: Path) -> KeyPair:
 
     Raises: KeyFileError if either file exists or cannot be written.
     """
-    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise KeyFileError(f"keygen: cannot create directory {out_dir}: {e.strerror}") from None
     key = Ed25519PrivateKey.generate()
     priv = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -87,7 +91,11 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 
 def _read_small(path: Path, what: str) -> bytes:
     try:
-        with path.open("rb") as f:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer before fstat refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise KeyFileError(f"{what} {path}: not a regular file")
             data = f.read(MAX_KEY_FILE + 1)
     except OSError as e:
         raise KeyFileError(f"{what} {path}: {e.strerror}") from None
@@ -101,7 +109,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     data = _read_small(path, "private key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise KeyFileError(f"private key {path}: not an unencrypted PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"private key {path}: not an ed25519 key")
@@ -113,7 +121,7 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     data = _read_small(path, "public key")
     try:
         key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise KeyFileError(f"public key {path}: not a PEM public key") from None
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"public key {path}: not an ed25519 key")

@@ -58,6 +58,13 @@ _LINUX_CAPABILITY_VERSION_3: Final = 0x20080522
 SYS_pivot_root: Final = 155
 SYS_capset: Final = 126
 SYS_close_range: Final = 436
+SYS_openat2: Final = 437
+
+# <linux/openat2.h>
+RESOLVE_NO_XDEV: Final = 0x01
+RESOLVE_NO_MAGICLINKS: Final = 0x02
+RESOLVE_NO_SYMLINKS: Final = 0x04
+RESOLVE_BENEATH: Final = 0x08
 
 # <linux/sockios.h>, <linux/if.h>
 SIOCGIFFLAGS: Final = 0x8913
@@ -183,6 +190,27 @@ def set_interface_up(name: str) -> None:
         ifreq = struct.pack("16sH14x", name.encode(), 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifreq))[1]
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", name.encode(), flags | IFF_UP))
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
+    """openat2(2); returns the new descriptor."""
+    how = _OpenHow(flags, mode, resolve)
+    return _check(
+        int(
+            _libc.syscall(
+                ctypes.c_long(SYS_openat2),
+                ctypes.c_int(dirfd),
+                ctypes.c_char_p(path.encode()),
+                ctypes.byref(how),
+                ctypes.c_size_t(ctypes.sizeof(how)),
+            )
+        ),
+        "openat2",
+    )
 
 
 def raw_syscall(number: int, *args: int) -> int:
