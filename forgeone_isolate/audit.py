@@ -157,7 +157,10 @@ class AuditLog:
         reserved = RESERVED_FIELDS.intersection(record)
         if reserved:
             raise ValueError(f"audit record may not set {sorted(reserved)}")
-        canonical(record)  # refuse non-JSON data before taking the lock
+        try:
+            canonical(record)  # refuse non-JSON data before taking the lock
+        except TypeError as e:
+            raise ValueError(f"audit record is not JSON data: {e}") from None
         with self._lock:
             if self._fd < 0:
                 raise AuditError(f"audit log {self.path}: closed")
@@ -274,7 +277,15 @@ def verify(path: Path) -> VerifyResult:
     """
     prev = ZERO_HASH
     n = 0
-    with open(path, "rb") as f:
+    # O_NONBLOCK: a FIFO must not hang `audit verify`; the fstat refuses it next.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    except OSError:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
         while True:
             raw = f.readline(MAX_LINE_BYTES + 1)
             if not raw:

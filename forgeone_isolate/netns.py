@@ -167,10 +167,14 @@ def _call_in_netns(nsfd: int, fn: Callable[[], _T], timeout: float) -> _T:
     """
     lock = threading.Lock()
     box: dict[str, Any] = {}
+    own_nsfd = os.dup(nsfd)  # the thread's own, so an abandoned thread never sees a reused fd
 
     def run() -> None:
         try:
-            _setns_net(nsfd)
+            try:
+                _setns_net(own_nsfd)
+            finally:
+                os.close(own_nsfd)
             value: Any = fn()
         except BaseException as e:
             with lock:
@@ -185,8 +189,8 @@ def _call_in_netns(nsfd: int, fn: Callable[[], _T], timeout: float) -> _T:
     thread.start()
     thread.join(timeout)
     with lock:
-        if thread.is_alive():
-            box["abandoned"] = True
+        if "value" not in box and "error" not in box:
+            box["abandoned"] = True  # the thread closes what it makes from now on
             raise TimeoutError(errno.ETIMEDOUT, "netns helper thread did not finish")
     if "error" in box:
         raise box["error"]

@@ -32,6 +32,7 @@ Policy file (TOML, e.g. ``/etc/forgeone/policy.toml``; at most 1 MiB)::
     [grant.limits]                    # caps on the manifest's limits; keys and ranges
     memory_mb = 64                    #   of manifest.LIMIT_BOUNDS
 
+The file must be a regular file that not every user may write (a root service trusts it).
 Ranges: ``rate_per_s`` a number in (0, 100000]; ``burst`` an integer 1..1000000;
 ``kv_quota_bytes`` an integer 0..1073741824; at most 64 entries per list and 64 config keys.
 Unknown keys and tables, wrong types, bad values and a second grant for the same
@@ -200,6 +201,8 @@ def _read_bounded(path: Path) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise PolicyError(f"policy {path}: not a regular file")
+        if st.st_mode & stat.S_IWOTH:
+            raise PolicyError(f"policy {path}: writable by every user (chmod o-w)")
         if st.st_size > MAX_POLICY_BYTES:
             raise PolicyError(f"policy {path}: larger than {MAX_POLICY_BYTES} bytes")
         chunks: list[bytes] = []
