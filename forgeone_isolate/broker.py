@@ -40,6 +40,8 @@ EAGAIN = -errno.EAGAIN
 EDQUOT = -errno.EDQUOT
 
 Resolver = Callable[[str, int], Sequence[str]]
+#: (address, port, timeout) -> a connected TCP descriptor; raises OSError
+Connector = Callable[[str, int, float], int]
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -124,6 +126,8 @@ class Broker:
         self._audit = audit
         self._kv = kv
         self._resolver = resolver
+        #: set by the launcher once the plugin has its own shaped network namespace
+        self.connector: Connector | None = None
         self._limiter = policy.RateLimiter(effective.rate_per_s, effective.burst, clock)
         self._rate_window_audited = False
 
@@ -283,18 +287,29 @@ class Broker:
             return abi.EPERM, b"", None, args, decision.reason or "resolved to nothing"
         last = errno.ECONNREFUSED
         for addr in addresses:  # connect to the very addresses that were checked
-            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.settimeout(CONNECT_TIMEOUT_S)
             try:
-                sock.connect((addr, body.port))
+                fd = self._connect(addr, body.port)
             except OSError as e:
                 last = e.errno or errno.ECONNREFUSED
-                sock.close()
                 continue
-            sock.setblocking(True)
-            return 0, b"", sock.detach(), args, f"connected to {addr}"
+            return 0, b"", fd, args, f"connected to {addr}"
         return -last, b"", None, args, f"connect failed: {errno.errorcode.get(last, last)}"
+
+    def _connect(self, addr: str, port: int) -> int:
+        """A connected TCP descriptor: in the plugin's own network namespace when it has
+        one (``connector``), else in the host's."""
+        if self.connector is not None:
+            return self.connector(addr, port, CONNECT_TIMEOUT_S)
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            sock.connect((addr, port))
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(True)
+        return sock.detach()
 
     def _output(self, body: p.Output) -> tuple[int, bytes, int | None, dict[str, Any], str]:
         args = {"data": summarize(body.data)}

@@ -29,10 +29,10 @@ from forgeone_isolate import child as child_mod
 from forgeone_isolate import protocol as p
 from forgeone_isolate.audit import AuditLog
 from forgeone_isolate.broker import Broker, Identity, Resolver, system_resolver
-from forgeone_isolate.kvstore import KvStore
 from forgeone_isolate.errors import EXIT_OK, EXIT_PLUGIN_FAILED, SetupError
+from forgeone_isolate.kvstore import KvStore
 from forgeone_isolate.plan import SandboxPlan, build_plan
-from forgeone_isolate.uidpool import lease_uid
+from forgeone_isolate.uidpool import default_lease_dir, lease_uid
 
 DEFAULT_STATE_DIR = Path("/var/lib/forgeone")
 SETUP_DEADLINE_S = 15.0
@@ -54,6 +54,7 @@ class LaunchResult:
     cgroup: dict[str, Any] = field(default_factory=dict)
     logs: list[tuple[int, str]] = field(default_factory=list)
     logs_dropped: int = 0
+    network: dict[str, Any] = field(default_factory=dict)
     output: bytes = b""
     #: milliseconds from fork to each setup marker and to the guest's first broker call
     timings: dict[str, float] = field(default_factory=dict)
@@ -139,6 +140,7 @@ def run_plan(
     brk_parent, brk_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     devnull = os.open("/dev/null", os.O_RDWR)
     keeper = -1
+    sup: _Supervisor | None = None
     try:
         keeper = os.fork()
         if keeper == 0:  # first child: never returns
@@ -154,15 +156,20 @@ def run_plan(
         brk_child.close()
         os.close(devnull)
         devnull = -1
-        _Supervisor(
+        sup = _Supervisor(
             plan, result, broker, pc, witness, keeper, ctl_parent, brk_parent, on_observed
-        ).run()
+        )
+        sup.run()
         keeper = -1
     finally:
         if keeper > 0:
             _kill_and_reap(keeper)
         with contextlib.suppress(Exception):
             pc.kill()
+        if sup is not None and sup.link is not None:
+            with contextlib.suppress(Exception):
+                result.network.update(sup.link.stats())
+            sup.link.teardown()
         stats: dict[str, int] = {}
         with contextlib.suppress(Exception):
             stats = pc.stats()
@@ -236,6 +243,7 @@ class _Supervisor:
         self.brk = brk
         self.on_observed = on_observed
         self.pid1 = -1
+        self.link: Any = None  # netns.PluginLink once set up
         self.pid1_status: int | None = None
         self.step_failed: dict[str, Any] | None = None
         self.kill_reason: str | None = None
@@ -275,6 +283,26 @@ class _Supervisor:
         _, status = os.waitpid(self.keeper, 0)
         self._conclude(status)
 
+    def _setup_network(self) -> None:
+        """Parent: the plugin's shaped veth, and net_connect sockets made in its namespace."""
+        from forgeone_isolate import netns  # pyroute2 loads only for plugins with a network
+
+        pool = netns.AddressPool(netns.DEFAULT_NETWORK)
+        host_addr, child_addr, prefix = pool.lease(self.plan.address_index % pool.capacity)
+        self.link = netns.setup_plugin_link(
+            self.keeper, self.plan.instance_id[:8], host_addr, child_addr, prefix, self.plan.net_bps
+        )
+        keeper = self.keeper
+        self.broker.connector = lambda addr, port, timeout: netns.connect_in_netns(
+            keeper, addr, port, timeout
+        )
+        self.result.network = {
+            "host_if": self.link.host_ifname,
+            "host_addr": str(host_addr),
+            "plugin_addr": str(child_addr),
+            "rate_bps": self.plan.net_bps,
+        }
+
     def _mark(self, name: str) -> None:
         self.result.timings[name] = round((time.monotonic() - self.t0) * 1000, 3)
 
@@ -288,6 +316,8 @@ class _Supervisor:
             try:
                 ns.parent_write_id_maps(self.keeper, self.plan.host_uid, self.plan.host_gid)
                 self.pc.add_pid(self.keeper)
+                if self.plan.network == "veth":
+                    self._setup_network()
             except OSError as e:
                 self.step_failed = {"step": "id-maps", "errno": e.errno or 0, "message": str(e)}
                 self.kill("setup failed")
@@ -449,10 +479,12 @@ def cli_launch(args: argparse.Namespace, out: TextIO) -> int:
     kv = KvStore(state_dir / "kv.sqlite3") if eff.kv else None
     try:
         with (
-            lease_uid(state_dir / "uids") as lease,
+            lease_uid(default_lease_dir()) as lease,
             AuditLog(state_dir / "audit" / f"{manifest.name}.jsonl") as audit,
         ):
-            plan = build_plan(manifest, pkg.signer, lease.uid, info.lifecycle, eff, limits)
+            plan = build_plan(
+                manifest, pkg.signer, lease.uid, info.lifecycle, eff, limits, lease.index
+            )
             result = run_plan(
                 plan,
                 child_mod.make_guest_payload(serialized, plan),
@@ -469,7 +501,11 @@ def cli_launch(args: argparse.Namespace, out: TextIO) -> int:
         "reason": result.reason,
         "plugin": {"name": plan.plugin, "version": plan.version, "instance": plan.instance_id},
         "signer": plan.signer,
-        "isolation": {**result.isolation, "cgroup_limits": result.cgroup},
+        "isolation": {
+            **result.isolation,
+            "cgroup_limits": result.cgroup,
+            "network": result.network or "loopback only",
+        },
         "broker": result.broker,
         "metrics": result.metrics,
         "output": result.output.decode("utf-8", "replace"),

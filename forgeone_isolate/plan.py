@@ -63,7 +63,9 @@ class SandboxPlan:
     host_gid: int
     hostname: str
     scratch_mount: str
-    network: str
+    network: str  # "loopback" | "veth"
+    net_bps: int
+    address_index: int
     memory_bytes: int
     cpu_percent: int
     pids: int
@@ -96,11 +98,13 @@ def build_plan(
     lifecycle: tuple[str, ...],
     effective: policy.Effective,
     limits: Limits | None = None,
+    address_index: int = 0,
 ) -> SandboxPlan:
     """Compile a verified manifest and the plugin's effective permissions into a plan.
 
     ``effective`` comes from ``policy.effective`` (manifest ∩ operator grant, deny by
-    default); ``limits`` are the manifest's limits capped by the policy.
+    default); ``limits`` are the manifest's limits capped by the policy; ``address_index``
+    picks the plugin's veth addresses from the pool when it is granted the network.
     """
     limits = limits or manifest.limits
     return SandboxPlan(
@@ -113,7 +117,9 @@ def build_plan(
         host_gid=host_uid,
         hostname="forgeone",
         scratch_mount="/tmp",  # noqa: S108 - a mount point in our private mount namespace only
-        network="loopback",
+        network="veth" if effective.net_connect else "loopback",
+        net_bps=limits.net_bps,
+        address_index=address_index,
         memory_bytes=limits.memory_mb * 1024 * 1024,
         cpu_percent=limits.cpu_percent,
         pids=limits.pids,

@@ -13,17 +13,33 @@ import os
 from pathlib import Path
 from typing import Final
 
+from forgeone_isolate.errors import SetupError
+
 DEFAULT_FIRST: Final = 3_000_000_000 // 2  # far above any distribution's subuid ranges
 DEFAULT_COUNT: Final = 65536
 
-from forgeone_isolate.errors import SetupError  # noqa: E402
+
+def run_dir() -> Path:
+    """The machine-wide runtime directory (``FORGEONE_RUN_DIR``, default /run/forgeone).
+
+    Uid leases live here, not in a state directory: two supervisors with different state
+    directories must still never hand the same host uid (or address) to two plugins.
+    """
+    return Path(os.environ.get("FORGEONE_RUN_DIR", "/run/forgeone"))
+
+
+def default_lease_dir() -> Path:
+    """Where :func:`lease_uid` keeps its lock files by default."""
+    return run_dir() / "uids"
 
 
 class UidLease:
     """One leased host uid; release it with :meth:`release` or a ``with`` block."""
 
-    def __init__(self, uid: int, fd: int, path: Path) -> None:
+    def __init__(self, uid: int, fd: int, path: Path, index: int = 0) -> None:
         self.uid = uid
+        #: position of the uid in its range; also picks the plugin's network addresses
+        self.index = index
         self._fd: int | None = fd
         self._path = path
 
@@ -63,5 +79,5 @@ def lease_uid(directory: Path, first: int = DEFAULT_FIRST, count: int = DEFAULT_
         if not path.exists() or os.stat(path).st_ino != os.fstat(fd).st_ino:
             os.close(fd)
             continue
-        return UidLease(uid, fd, path)
+        return UidLease(uid, fd, path, uid - first)
     raise SetupError("uid-lease", 0, f"all {count} uids from {first} are in use")
