@@ -29,7 +29,6 @@ NOT_BUILT: dict[str, str] = {
     "pause": "pause (freeze) a plugin in the service",
     "resume": "resume a paused plugin in the service",
     "logs": "show a plugin's log lines from the service",
-    "metrics": "print per-plugin metrics (Prometheus text)",
 }
 
 
@@ -68,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/forgeone)")
     s.add_argument("--json", action="store_true", help="print the report as one JSON object")
     s.add_argument("--dry-run", action="store_true", help="print the sandbox plan, run nothing")
+
+    s = sub.add_parser("metrics", help="per-plugin metrics, Prometheus text exposition")
+    s.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/forgeone)")
 
     s = sub.add_parser("doctor", help="what this host offers for isolation")
     s.add_argument("--json", action="store_true")
@@ -197,6 +199,23 @@ def _cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_PLUGIN_FAILED
 
 
+def _cmd_metrics(args: argparse.Namespace, out: TextIO) -> int:
+    from forgeone_isolate import metrics
+    from forgeone_isolate.launch import DEFAULT_STATE_DIR
+
+    state_dir: Path = args.state_dir or DEFAULT_STATE_DIR
+    path = state_dir / "metrics.sqlite3"
+    if not path.exists():
+        out.write(metrics.exposition([]))
+        return EXIT_OK
+    store = metrics.MetricsStore(path)
+    try:
+        out.write(metrics.exposition(store.rows()))
+    finally:
+        store.close()
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
     "keygen": _cmd_keygen,
     "pack": _cmd_pack,
@@ -204,6 +223,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
     "inspect": _cmd_inspect,
     "launch": _cmd_launch,
     "doctor": _cmd_doctor,
+    "metrics": _cmd_metrics,
     "audit": _cmd_audit,
 }
 

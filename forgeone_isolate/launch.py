@@ -31,6 +31,7 @@ from forgeone_isolate.audit import AuditLog
 from forgeone_isolate.broker import Broker, Identity, Resolver, system_resolver
 from forgeone_isolate.errors import EXIT_OK, EXIT_PLUGIN_FAILED, SetupError
 from forgeone_isolate.kvstore import KvStore
+from forgeone_isolate.metrics import MetricsStore, launch_figures
 from forgeone_isolate.plan import SandboxPlan, build_plan
 from forgeone_isolate.uidpool import default_lease_dir, lease_uid
 
@@ -112,7 +113,8 @@ def run_plan(
         cpu_percent=plan.cpu_percent,
         memory_bytes=plan.memory_bytes,
         pids=plan.pids + 1,  # + the keeper process outside the plugin's PID namespace
-        io_bps=None,
+        io_bps=plan.io_bps if plan.io_device is not None else None,
+        io_device=plan.io_device,
     )
 
     def keep_log(level: int, text: str) -> None:
@@ -450,6 +452,15 @@ def _log_printer(out: TextIO, plugin: str) -> Callable[[int, str], None]:
     return emit
 
 
+def _io_device(state_dir: Path) -> tuple[int, int] | None:
+    """The block device io_bps is enforced on: the one backing the state directory."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        return cgroup.backing_device(str(state_dir))
+    except OSError:
+        return None
+
+
 def prepare(
     package_path: Path, trust_path: Path, state_dir: Path
 ) -> tuple[package.VerifiedPackage, wasm.ModuleInfo]:
@@ -483,7 +494,14 @@ def cli_launch(args: argparse.Namespace, out: TextIO) -> int:
             AuditLog(state_dir / "audit" / f"{manifest.name}.jsonl") as audit,
         ):
             plan = build_plan(
-                manifest, pkg.signer, lease.uid, info.lifecycle, eff, limits, lease.index
+                manifest,
+                pkg.signer,
+                lease.uid,
+                info.lifecycle,
+                eff,
+                limits,
+                lease.index,
+                io_device=_io_device(state_dir),
             )
             result = run_plan(
                 plan,
@@ -510,6 +528,18 @@ def cli_launch(args: argparse.Namespace, out: TextIO) -> int:
         "metrics": result.metrics,
         "output": result.output.decode("utf-8", "replace"),
     }
+    store = MetricsStore(state_dir / "metrics.sqlite3")
+    try:
+        store.add(
+            plan.signer,
+            plan.plugin,
+            launch_figures(
+                result.status, result.reason, result.broker, result.metrics, result.network
+            ),
+            peak_memory=result.metrics.get("memory_peak"),
+        )
+    finally:
+        store.close()
     if args.json:
         report["logs"] = [{"level": abi.LOG_LEVELS[lv], "text": t} for lv, t in result.logs]
         json.dump(report, out, sort_keys=True)

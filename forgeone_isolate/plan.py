@@ -70,6 +70,7 @@ class SandboxPlan:
     cpu_percent: int
     pids: int
     io_bps: int
+    io_device: tuple[int, int] | None
     timeout_s: int
     rlimits: tuple[tuple[str, int, int], ...]
     as_headroom: int
@@ -99,12 +100,14 @@ def build_plan(
     effective: policy.Effective,
     limits: Limits | None = None,
     address_index: int = 0,
+    io_device: tuple[int, int] | None = None,
 ) -> SandboxPlan:
     """Compile a verified manifest and the plugin's effective permissions into a plan.
 
     ``effective`` comes from ``policy.effective`` (manifest ∩ operator grant, deny by
     default); ``limits`` are the manifest's limits capped by the policy; ``address_index``
-    picks the plugin's veth addresses from the pool when it is granted the network.
+    picks the plugin's veth addresses from the pool when it is granted the network;
+    ``io_device`` is the block device (major, minor) ``io_bps`` applies to.
     """
     limits = limits or manifest.limits
     return SandboxPlan(
@@ -124,6 +127,7 @@ def build_plan(
         cpu_percent=limits.cpu_percent,
         pids=limits.pids,
         io_bps=limits.io_bps,
+        io_device=io_device,
         timeout_s=limits.timeout_s,
         rlimits=(
             ("core", 0, 0),
