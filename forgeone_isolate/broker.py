@@ -126,6 +126,10 @@ class Broker:
         self._audit = audit
         self._kv = kv
         self._resolver = resolver
+        #: the sequence number of the child's pending IDLE request, if it is waiting
+        self.idle_seq: int | None = None
+        #: (code, kind) the child reported with its last IDLE: the previous command's outcome
+        self.last_result: tuple[int, p.DoneKind] = (0, p.DoneKind.OK)
         #: set by the launcher once the plugin has its own shaped network namespace
         self.connector: Connector | None = None
         self._limiter = policy.RateLimiter(effective.rate_per_s, effective.burst, clock)
@@ -157,6 +161,14 @@ class Broker:
             if self.done is None:
                 self.done = body
             return None
+        if isinstance(body, p.Idle):
+            if self.idle_seq is not None:
+                self.stats.violations += 1
+                self._deny_raw("idle", "IDLE while already idle", started)
+                return None
+            self.idle_seq = req.seq
+            self.last_result = (body.code, body.kind)
+            return None  # answered by answer_idle() when the parent has a command
         if not self._limiter.allow():
             self.stats.rate_denied += 1
             self.stats.denied += 1
@@ -199,6 +211,17 @@ class Broker:
         if isinstance(body, p.Output):
             return self._output(body)
         return abi.ENOSYS, b"", None, {}, "unknown call"  # pragma: no cover - decoder covers ops
+
+    def answer_idle(self, command: p.Command, data: bytes = b"") -> Reply:
+        """The reply to the pending IDLE: the next command for the guest.
+
+        Raises: BrokerProtocolError when the child is not waiting.
+        """
+        if self.idle_seq is None:
+            raise BrokerProtocolError("the child is not idle")
+        seq, self.idle_seq = self.idle_seq, None
+        self.output.clear()
+        return Reply(p.encode_reply(p.Op.IDLE, seq, int(command), data[: p.MAX_DATA]))
 
     # ------------------------------------------------------------------ ops
 

@@ -24,6 +24,8 @@ from forgeone_isolate import protocol as p
 from forgeone_isolate.wasm import WASM_PAGE, make_engine
 
 MASK32 = 0xFFFFFFFF
+#: the phase number DONE frames carry for a failure inside ``handle``
+PHASE_HANDLE = 254
 #: passed descriptors a guest may hold at once (RLIMIT_NOFILE bounds them as well)
 MAX_HANDLES = 8
 #: the largest single fd_read / fd_write
@@ -91,37 +93,80 @@ class PreparedGuest:
     channel: _Channel
     memory_limit: int
     lifecycle: tuple[str, ...]
+    _phase: int = 255
+    _memory: wasmtime.Memory | None = None
+    _exports: Any = None
 
     def run(self) -> int:
         """Instantiate and drive the lifecycle; report the outcome in a DONE frame.
 
-        Returns the process exit status (0 ok, 1 failed). Never raises.
+        ``init``, ``start``; then commands from the parent (IDLE → STOP, CALL, PAUSE,
+        RESUME) until STOP; then ``stop`` and ``unload``. Returns the process exit status
+        (0 ok, 1 failed). Never raises.
         """
-        phase = 255
-        memory: wasmtime.Memory | None = None
+        self._phase = 255
+        self._memory = None
         try:
             instance = self.linker.instantiate(self.store, self.module)
-            exports = instance.exports(self.store)
-            mem = exports[abi.MEMORY_EXPORT]
-            memory = mem if isinstance(mem, wasmtime.Memory) else None
-            for index, name in enumerate(abi.LIFECYCLE):
-                if name not in self.lifecycle:
-                    continue
-                phase = index
-                func = exports[name]
-                assert isinstance(func, wasmtime.Func)
-                rc = func(self.store)
-                if rc != 0:
-                    self.channel.done(phase, int(rc), p.DoneKind.FAILED, f"{name} returned {rc}")
+            self._exports = instance.exports(self.store)
+            mem = self._exports[abi.MEMORY_EXPORT]
+            self._memory = mem if isinstance(mem, wasmtime.Memory) else None
+            for name in ("init", "start"):
+                if not self._call_lifecycle(name):
+                    return 1
+            code, kind = 0, p.DoneKind.OK
+            while True:
+                command, data = self.channel.call(p.Op.IDLE, _idle_frame(code, kind))
+                if command == p.Command.CALL:
+                    code, kind = self._handle(data)
+                    if kind is not p.DoneKind.OK and kind is not p.DoneKind.FAILED:
+                        return 1
+                elif command in (p.Command.PAUSE, p.Command.RESUME):
+                    name = "pause" if command == p.Command.PAUSE else "resume"
+                    if not self._call_lifecycle(name):
+                        return 1
+                    code, kind = 0, p.DoneKind.OK
+                else:
+                    break
+            for name in ("stop", "unload"):
+                if not self._call_lifecycle(name):
                     return 1
         except wasmtime.Trap as e:
-            self.channel.done(phase, -1, self._trap_kind(memory), _first_line(e))
+            self.channel.done(self._phase, -1, self._trap_kind(self._memory), _first_line(e))
             return 1
         except wasmtime.WasmtimeError as e:
-            self.channel.done(phase, -1, p.DoneKind.SETUP, _first_line(e))
+            self.channel.done(self._phase, -1, p.DoneKind.SETUP, _first_line(e))
             return 1
         self.channel.done(255, 0, p.DoneKind.OK, "")
         return 0
+
+    def _call_lifecycle(self, name: str) -> bool:
+        """Call an optional lifecycle export; False (after a DONE frame) when it failed."""
+        if name not in self.lifecycle:
+            return True
+        self._phase = abi.LIFECYCLE.index(name)
+        func = self._exports[name]
+        assert isinstance(func, wasmtime.Func)
+        rc = func(self.store)
+        if rc != 0:
+            self.channel.done(self._phase, int(rc), p.DoneKind.FAILED, f"{name} returned {rc}")
+            return False
+        return True
+
+    def _handle(self, data: bytes) -> tuple[int, p.DoneKind]:
+        """One request for the guest's ``handle``: alloc, copy in, call. Traps propagate."""
+        alloc = self._exports.get("alloc")
+        handle = self._exports.get("handle")
+        if not isinstance(alloc, wasmtime.Func) or not isinstance(handle, wasmtime.Func):
+            return abi.ENOSYS, p.DoneKind.FAILED
+        self._phase = PHASE_HANDLE
+        ptr = int(alloc(self.store, len(data))) & MASK32
+        memory = self._memory
+        if memory is None or ptr + len(data) > memory.data_len(self.store):
+            return abi.EFAULT, p.DoneKind.FAILED
+        memory.write(self.store, data, ptr)
+        rc = int(handle(self.store, ptr, len(data)))
+        return rc, p.DoneKind.OK if rc == 0 else p.DoneKind.FAILED
 
     def _trap_kind(self, memory: wasmtime.Memory | None) -> p.DoneKind:
         """MEMORY when the guest trapped with its memory near the limit.
@@ -136,6 +181,10 @@ class PreparedGuest:
         if memory.data_len(self.store) + margin > self.memory_limit:
             return p.DoneKind.MEMORY
         return p.DoneKind.TRAP
+
+
+def _idle_frame(code: int, kind: p.DoneKind) -> Callable[[int], bytes]:
+    return lambda seq: p.encode_idle(seq, code, kind)
 
 
 def _first_line(e: BaseException) -> str:

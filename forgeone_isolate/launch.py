@@ -22,9 +22,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
-from forgeone_isolate import abi, cgroup, markers, ns, observe, package, policy, signing, wasm
+from forgeone_isolate import (
+    abi,
+    cgroup,
+    guest,
+    markers,
+    ns,
+    observe,
+    package,
+    policy,
+    signing,
+    wasm,
+)
 from forgeone_isolate import child as child_mod
 from forgeone_isolate import protocol as p
 from forgeone_isolate.audit import AuditLog
@@ -65,6 +76,38 @@ class LaunchResult:
 PayloadFactory = Callable[[], Callable[[], int]]
 
 
+class CommandSource(Protocol):
+    """Where a running guest's next command comes from (see protocol.Op.IDLE)."""
+
+    def fileno(self) -> int | None:
+        """A descriptor that becomes readable when a command may be waiting, or None."""
+
+    def next_command(self) -> tuple[p.Command, bytes] | None:
+        """The next command, or None when there is none yet."""
+
+    def on_result(self, command: p.Command, code: int, kind: p.DoneKind, output: bytes) -> None:
+        """The outcome of the previous command (reported with the guest's next IDLE)."""
+
+    def on_paused(self, paused: bool) -> None:
+        """The plugin's cgroup was frozen (True) or thawed (False)."""
+
+
+class RunOnce:
+    """One-shot ``launch``: init, start, then stop at once."""
+
+    def fileno(self) -> int | None:
+        return None
+
+    def next_command(self) -> tuple[p.Command, bytes] | None:
+        return (p.Command.STOP, b"")
+
+    def on_result(self, command: p.Command, code: int, kind: p.DoneKind, output: bytes) -> None:
+        return None
+
+    def on_paused(self, paused: bool) -> None:
+        return None
+
+
 @contextlib.contextmanager
 def _term_guard(on_term: Callable[[], None]) -> Iterator[None]:
     """SIGTERM/SIGINT while a plugin runs: kill it, then clean up normally."""
@@ -99,11 +142,13 @@ def run_plan(
     audit: AuditLog | None = None,
     kv: KvStore | None = None,
     resolver: Resolver | None = None,
+    commands: CommandSource | None = None,
 ) -> LaunchResult:
     """Execute ``plan``: fork, contain, serve, reap, clean. Never leaves anything behind.
 
     ``audit`` and ``kv`` are the broker's audit trail and the plugin's persistent store;
-    ``resolver`` replaces the system's name resolution for ``net_connect`` (tests).
+    ``resolver`` replaces the system's name resolution for ``net_connect`` (tests);
+    ``commands`` feeds a running guest (the service); by default it is stopped after start.
 
     Raises: SetupError when the sandbox could not be built (the step and errno named).
     """
@@ -161,6 +206,7 @@ def run_plan(
         sup = _Supervisor(
             plan, result, broker, pc, witness, keeper, ctl_parent, brk_parent, on_observed
         )
+        sup.commands = commands or RunOnce()
         sup.run()
         keeper = -1
     finally:
@@ -252,6 +298,9 @@ class _Supervisor:
         self.t0 = time.monotonic()
         self.deadline = self.t0 + SETUP_DEADLINE_S
         self.observed = False
+        self.commands: CommandSource = RunOnce()
+        self.last_command: p.Command | None = None  # None: the guest has just started
+        self.paused = False
 
     def kill(self, reason: str) -> None:
         if self.kill_reason is None:
@@ -267,6 +316,9 @@ class _Supervisor:
         sel = selectors.DefaultSelector()
         sel.register(self.ctl, selectors.EVENT_READ, "ctl")
         sel.register(self.brk, selectors.EVENT_READ, "brk")
+        cmd_fd = self.commands.fileno()
+        if cmd_fd is not None:
+            sel.register(cmd_fd, selectors.EVENT_READ, "cmd")
         open_channels = 2
         with _term_guard(lambda: self.kill("supervisor terminated")):
             while open_channels:
@@ -281,6 +333,8 @@ class _Supervisor:
                     elif key.data == "brk" and not self._on_broker():
                         sel.unregister(self.brk)
                         open_channels -= 1
+                    elif key.data == "cmd":
+                        self._dispatch_command()
         sel.close()
         _, status = os.waitpid(self.keeper, 0)
         self._conclude(status)
@@ -304,6 +358,39 @@ class _Supervisor:
             "plugin_addr": str(child_addr),
             "rate_bps": self.plan.net_bps,
         }
+
+    def _on_idle(self) -> None:
+        """The guest finished its previous command and waits: no deadline while idle."""
+        self.deadline = float("inf")
+        code, kind = self.broker.last_result
+        if self.last_command is p.Command.PAUSE and not self.paused:
+            self.pc.freeze()  # the guest's pause() has run; now the kernel holds it
+            self.paused = True
+            self.commands.on_paused(True)
+        if self.last_command is not None:
+            self.commands.on_result(self.last_command, code, kind, bytes(self.broker.output))
+        self._dispatch_command()
+
+    def _dispatch_command(self) -> None:
+        if self.broker.idle_seq is None or self.kill_reason is not None:
+            return
+        nxt = self.commands.next_command()
+        if nxt is None:
+            return
+        command, data = nxt
+        if command is p.Command.RESUME and self.paused:
+            self.pc.thaw()
+            self.paused = False
+            self.commands.on_paused(False)
+        elif self.paused and command is not p.Command.RESUME:
+            self.pc.thaw()  # stop or call on a paused plugin: let it run to answer
+            self.paused = False
+            self.commands.on_paused(False)
+        self.last_command = command
+        reply = self.broker.answer_idle(command, data)
+        self.deadline = time.monotonic() + self.plan.timeout_s
+        with contextlib.suppress(OSError):
+            self.brk.send(reply.frame)
 
     def _mark(self, name: str) -> None:
         self.result.timings[name] = round((time.monotonic() - self.t0) * 1000, 3)
@@ -373,6 +460,9 @@ class _Supervisor:
             if reply is not None and reply.fd is not None:
                 os.close(reply.fd)
             return True
+        if reply is None and self.broker.idle_seq is not None:
+            self._on_idle()
+            return True
         if reply is not None:
             try:
                 if reply.fd is None:
@@ -424,7 +514,7 @@ class _Supervisor:
         if done is None:
             r.status, r.reason = "error", f"plugin ended without a result (exit {code})"
             return
-        phase = abi.LIFECYCLE[done.phase] if done.phase < len(abi.LIFECYCLE) else "instantiate"
+        phase = phase_name(done.phase)
         message = done.message.decode("utf-8", "replace")
         if done.kind is p.DoneKind.OK and code == 0:
             r.status, r.reason, r.exit_status = "ok", "", EXIT_OK
@@ -434,6 +524,13 @@ class _Supervisor:
             r.status, r.reason = "error", f"trap in {phase}: {message}"
         else:
             r.status, r.reason = "error", f"{phase}: {message}"
+
+
+def phase_name(phase: int) -> str:
+    """The lifecycle step a DONE frame's phase number names."""
+    if phase < len(abi.LIFECYCLE):
+        return abi.LIFECYCLE[phase]
+    return "handle" if phase == guest.PHASE_HANDLE else "instantiate"
 
 
 def _describe(status: int) -> str:

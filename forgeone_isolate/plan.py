@@ -11,7 +11,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from forgeone_isolate import policy, seccomp_filter
+from forgeone_isolate import abi, policy, seccomp_filter
 from forgeone_isolate.fds import BROKER_FD
 from forgeone_isolate.manifest import Limits, Manifest
 
@@ -139,7 +139,7 @@ def build_plan(
         as_headroom=AS_HEADROOM,
         seccomp_allow=SECCOMP_ALLOW,
         seccomp_min_fd=BROKER_FD,
-        lifecycle=tuple(n for n in ("init", "start", "stop", "unload") if n in lifecycle),
+        lifecycle=tuple(n for n in abi.LIFECYCLE if n in lifecycle),
         effective=effective,
         requested=manifest.permissions.as_dict(),
     )

@@ -20,6 +20,12 @@ Ops (request body -> reply data):
 - NET_CONNECT port i32 | host                      -> - (result = handle; fd by SCM_RIGHTS)
 - OUTPUT     data                                  -> -
 - DONE       phase u8 | code i32 | kind u8 | message   (no reply: the child's last word)
+- IDLE       code i32 | kind u8                    -> a Command (result) and its data
+
+IDLE is how a running guest asks for work: the child sends it after ``start`` and after
+each command, carrying the outcome of the previous command (code, DoneKind); the parent
+answers only when it has a command (held until then): STOP, CALL (data = the input for the
+guest's ``handle``), PAUSE or RESUME.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 _U16 = struct.Struct("!H")
 _DONE = struct.Struct("!BiB")
+_IDLE = struct.Struct("!iB")
 
 
 class Op(enum.IntEnum):
@@ -60,6 +67,16 @@ class Op(enum.IntEnum):
     NET_CONNECT = 8
     OUTPUT = 9
     DONE = 10
+    IDLE = 11
+
+
+class Command(enum.IntEnum):
+    """The parent's answer to IDLE."""
+
+    STOP = 0
+    CALL = 1
+    PAUSE = 2
+    RESUME = 3
 
 
 class DoneKind(enum.IntEnum):
@@ -131,7 +148,15 @@ class Done:
     message: bytes
 
 
-Request = Log | ClockNow | Random | ConfigGet | KvGet | KvSet | FsOpen | NetConnect | Output | Done
+@dataclass(frozen=True)
+class Idle:
+    code: int
+    kind: DoneKind
+
+
+Request = (
+    Idle | Log | ClockNow | Random | ConfigGet | KvGet | KvSet | FsOpen | NetConnect | Output | Done
+)
 
 
 @dataclass(frozen=True)
@@ -217,6 +242,14 @@ def _decode_body(op: Op, body: bytes) -> Request:
         return NetConnect(host, port)
     if op is Op.OUTPUT:
         return Output(body)
+    if op is Op.IDLE:
+        (code, kind_raw), rest = _fixed(_IDLE, body, name)
+        if rest:
+            raise _bad("idle: unexpected trailing bytes")
+        try:
+            return Idle(code, DoneKind(kind_raw))
+        except ValueError:
+            raise _bad(f"idle: unknown kind {kind_raw}") from None
     (phase, code, kind_raw), msg = _fixed(_DONE, body, name)
     try:
         kind = DoneKind(kind_raw)
@@ -247,6 +280,10 @@ def encode_kv_set(seq: int, key: bytes, value: bytes) -> bytes:
 
 def encode_i32_text(op: Op, seq: int, value: int, text: bytes) -> bytes:
     return encode(op, seq, _I32.pack(value) + text)
+
+
+def encode_idle(seq: int, code: int, kind: DoneKind) -> bytes:
+    return encode(Op.IDLE, seq, _IDLE.pack(code, kind))
 
 
 def encode_done(phase: int, code: int, kind: DoneKind, message: bytes) -> bytes:
