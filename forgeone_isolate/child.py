@@ -24,6 +24,7 @@ from typing import NoReturn
 
 # guest is imported here, before any fork: after pivot_root no module file can be read.
 from forgeone_isolate import caps, fds, guest, markers, mounts, ns, rlimits, seccomp_filter
+from forgeone_isolate import plan as plan_mod
 from forgeone_isolate._sys.libc import CLONE_NEWCGROUP
 from forgeone_isolate.kernel import Kernel, RealKernel
 from forgeone_isolate.plan import SandboxPlan
@@ -164,7 +165,9 @@ def sandbox_sequence(
         # Everything that allocates big happens before the doors close: the payload
         # (wasmtime engine, module, store, linker, broker socket) and the filter program.
         payload = payload_factory()
-        program = seccomp_filter.build_filter(plan.seccomp_allow, plan.seccomp_min_fd)
+        program = seccomp_filter.build_filter(
+            plan.seccomp_allow, plan.seccomp_min_fd, plan_mod.NOFILE - 1
+        )
     with step("rlimits"):
         limits = list(plan.rlimits)
         address_space = vm_size + plan.as_headroom + plan.memory_bytes

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import selectors
 import signal
 import socket
@@ -177,7 +178,9 @@ def run_plan(
         resolver=resolver or system_resolver,
     )
     witness = observe.SeccompWitness()
-    pc = cgroups.create(f"{plan.plugin}-{plan.instance_id}", limits)
+    sweep_stale_cgroups(cgroups)
+    # The supervisor's pid in the name lets a later launch remove what a killed one left.
+    pc = cgroups.create(f"{plan.plugin[:30]}-{plan.instance_id}-s{os.getpid()}", limits)
     result.cgroup = {
         "paths": list(pc.paths),
         "applied": dict(pc.applied),
@@ -242,6 +245,33 @@ def run_plan(
         **stats,
     }
     return result
+
+
+_STALE_RE = re.compile(r"-s(\d+)$")
+
+
+def sweep_stale_cgroups(cgroups: cgroup.CgroupHost) -> list[str]:
+    """Remove plugin cgroups whose supervisor is dead (it was SIGKILLed, say).
+
+    Only empty leaves named ``...-s<pid>`` whose pid no longer exists are removed; the
+    kernel refuses rmdir of a cgroup that still has processes, so a live one is never hit.
+    """
+    removed: list[str] = []
+    for path in sorted(cgroups.existing_plugin_dirs(), key=len, reverse=True):
+        m = _STALE_RE.search(os.path.basename(path))
+        if m is None:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # its supervisor lives
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+            removed.append(path)
+    return removed
 
 
 def _close_passed_fds(ancdata: list[tuple[int, int, bytes]]) -> int:

@@ -7,8 +7,11 @@ syscall that killed a process.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import socket
+import sys
 import time
 from typing import Any
 
@@ -101,55 +104,110 @@ def observe(pid: int) -> dict[str, Any]:
     }
 
 
-_AUDIT_RE = re.compile(r"type=1326 .*? pid=(\d+) .*? syscall=(\d+)")
+_AUDIT_RE = re.compile(r"\bpid=(\d+) .*?\bsyscall=(\d+)")
+
+
+NETLINK_AUDIT = 9
+AUDIT_NLGRP_READLOG = 1
+AUDIT_SECCOMP = 1326
+_NLMSG_HDR = 16
 
 
 class SeccompWitness:
-    """Reads the kernel's seccomp audit records written after it was opened."""
+    """Reads the kernel's seccomp audit records (type 1326) written after it was opened.
+
+    First choice: the audit netlink multicast group (read-only log, needs CAP_AUDIT_READ),
+    which is not rate-limited the way printk is. Fallback: /dev/kmsg, where the kernel
+    prints audit records when no audit daemon listens, at most ten per five seconds for
+    the whole machine. Open it before forking the child.
+    """
 
     def __init__(self) -> None:
-        self._fd: int | None = None
+        self._nl: socket.socket | None = None
+        self._kmsg: int | None = None
         try:
-            self._fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            os.lseek(self._fd, 0, os.SEEK_END)
+            nl = socket.socket(
+                socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_AUDIT
+            )
+            nl.bind((0, AUDIT_NLGRP_READLOG))
+            nl.setblocking(False)
+            self._nl = nl
         except OSError:
-            self.close()
+            self._nl = None
+        try:
+            self._kmsg = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            os.lseek(self._kmsg, 0, os.SEEK_END)
+        except OSError:
+            self._kmsg = None
 
     def syscall_for(self, pid: int, wait_s: float = 0.5) -> str | None:
         """The name of the syscall that killed ``pid``, if the kernel logged it.
 
-        kauditd writes the record asynchronously, so this polls for up to ``wait_s``.
+        kauditd delivers records asynchronously, so this polls for up to ``wait_s``.
         """
         deadline = time.monotonic() + wait_s
         while True:
-            found = self._scan(pid)
+            found = self._scan_netlink(pid) or self._scan_kmsg(pid)
             if found is not None or time.monotonic() >= deadline:
                 return found
             time.sleep(0.01)
 
-    def _scan(self, pid: int) -> str | None:
-        if self._fd is None:
+    def _scan_netlink(self, pid: int) -> str | None:
+        if self._nl is None:
             return None
         found: str | None = None
         while True:
             try:
-                record = os.read(self._fd, 8192)
+                data = self._nl.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # ENOBUFS: records were dropped; keep what follows
+                continue
+            off = 0
+            while off + _NLMSG_HDR <= len(data):
+                length, kind = (
+                    int.from_bytes(data[off : off + 4], sys.byteorder),
+                    int.from_bytes(data[off + 4 : off + 6], sys.byteorder),
+                )
+                if length < _NLMSG_HDR:
+                    break
+                if kind == AUDIT_SECCOMP:
+                    found = self._match(data[off + _NLMSG_HDR : off + length], pid) or found
+                off += (length + 3) & ~3
+        return found
+
+    def _scan_kmsg(self, pid: int) -> str | None:
+        if self._kmsg is None:
+            return None
+        found: str | None = None
+        while True:
+            try:
+                record = os.read(self._kmsg, 8192)
             except BlockingIOError:
                 break
             except OSError as e:
-                if e.errno == 32:  # EPIPE: records overwritten; keep reading
+                if e.errno == errno.EPIPE:  # records overwritten; keep reading
                     continue
                 break
             if not record:
                 break
-            m = _AUDIT_RE.search(record.decode("utf-8", "replace"))
-            if m and int(m.group(1)) == pid:
-                found = seccomp_filter.syscall_name(int(m.group(2)))
+            if b"type=1326" in record:
+                found = self._match(record, pid) or found
         return found
 
+    @staticmethod
+    def _match(record: bytes, pid: int) -> str | None:
+        m = _AUDIT_RE.search(record.decode("utf-8", "replace"))
+        if m and int(m.group(1)) == pid:
+            return seccomp_filter.syscall_name(int(m.group(2)))
+        return None
+
     def close(self) -> None:
-        """Release /dev/kmsg."""
-        if self._fd is not None:
+        """Release the sockets."""
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
+        if self._kmsg is not None:
             with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
+                os.close(self._kmsg)
+            self._kmsg = None

@@ -85,7 +85,7 @@ class SandboxPlan:
         d = asdict(self)
         d["rlimits"] = {name: {"soft": s, "hard": h} for name, s, h in self.rlimits}
         d["rlimits"]["as"] = f"VmSize at the rlimit step + {self.as_headroom} + memory_bytes"
-        d["seccomp"] = seccomp_filter.describe(self.seccomp_allow, self.seccomp_min_fd)
+        d["seccomp"] = seccomp_filter.describe(self.seccomp_allow, self.seccomp_min_fd, NOFILE - 1)
         for k in ("seccomp_allow", "seccomp_min_fd", "as_headroom"):
             d.pop(k)
         d["effective"] = policy.effective_as_dict(self.effective)

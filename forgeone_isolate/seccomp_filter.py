@@ -2,7 +2,7 @@
 
 Default action: kill the whole process. Architecture: native only, any other architecture
 (i386 via int 0x80, x32) hits the bad-architecture action, also kill. ``read``/``write``
-(and their socket forms, and ``close``) are limited to descriptors from ``min_fd`` up:
+(and their socket forms, and ``close``) are limited to descriptors ``min_fd``..``max_fd``:
 0-2 point at /dev/null and are never the child's to use; everything above is the broker
 socket, the setup channel or a descriptor the broker passed (RLIMIT_NOFILE caps them). Built in the
 child before capabilities are gone (building allocates and reads nothing from disk), loaded
@@ -20,8 +20,13 @@ import pyseccomp
 FD_GUARDED = frozenset({"read", "write", "sendto", "recvfrom", "sendmsg", "recvmsg", "close"})
 
 
-def build_filter(allow: Iterable[str], min_fd: int) -> Any:
-    """A loadable pyseccomp filter allowing ``allow``; fd-taking calls only on fds >= ``min_fd``.
+def build_filter(allow: Iterable[str], min_fd: int, max_fd: int) -> Any:
+    """A loadable pyseccomp filter allowing ``allow``; fd-taking calls only on the fds
+    ``min_fd``..``max_fd``.
+
+    Each allowed fd is its own EQ rule: seccomp compares all 64 bits of an argument while
+    the kernel reads an fd from the low 32, so a range test (GE) would let
+    ``write((1 << 32) | 1, ...)`` through to fd 1.
 
     Raises: ValueError for a syscall name libseccomp does not know.
     """
@@ -35,7 +40,8 @@ def build_filter(allow: Iterable[str], min_fd: int) -> Any:
         if number < 0:
             raise ValueError(f"unknown syscall {name!r}")
         if name in FD_GUARDED:
-            f.add_rule(pyseccomp.ALLOW, name, pyseccomp.Arg(0, pyseccomp.GE, min_fd))
+            for fd in range(min_fd, max_fd + 1):
+                f.add_rule(pyseccomp.ALLOW, name, pyseccomp.Arg(0, pyseccomp.EQ, fd))
         else:
             f.add_rule(pyseccomp.ALLOW, name)
     return f
@@ -52,12 +58,12 @@ def syscall_name(number: int) -> str:
     return str(name) if name else f"syscall {number}"
 
 
-def describe(allow: Iterable[str], min_fd: int) -> dict[str, Any]:
+def describe(allow: Iterable[str], min_fd: int, max_fd: int) -> dict[str, Any]:
     """A plan-friendly description of a filter."""
     return {
         "default": "kill_process",
         "bad_arch": "kill_process",
         "allow": sorted(set(allow)),
         "fd_guarded": sorted(FD_GUARDED & set(allow)),
-        "fd_guard": f"first argument >= {min_fd}",
+        "fd_guard": f"first argument (all 64 bits) one of {min_fd}..{max_fd}",
     }
