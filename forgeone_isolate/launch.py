@@ -157,7 +157,7 @@ def run_plan(
     started = time.monotonic()
     limits = cgroup.CgroupLimits(
         cpu_percent=plan.cpu_percent,
-        memory_bytes=plan.memory_bytes,
+        memory_bytes=plan.cgroup_memory_bytes,
         pids=plan.pids + 1,  # + the keeper process outside the plugin's PID namespace
         io_bps=plan.io_bps if plan.io_device is not None else None,
         io_device=plan.io_device,
@@ -516,6 +516,14 @@ class _Supervisor:
         if self.step_failed is not None:
             sf = self.step_failed
             raise SetupError(sf["step"], sf["errno"], sf["message"])
+        oom = 0
+        with contextlib.suppress(Exception):
+            oom = self.pc.stats().get("oom_kill", 0)
+        if oom > 0 and self.observed:
+            # memory.oom.group: the kernel killed the whole cgroup, the keeper included
+            r.status = "killed"
+            r.reason = f"memory: OOM-killed by the cgroup ({oom} kill(s) at memory.max)"
+            return
         if self.kill_reason is not None:
             r.status, r.reason = "killed", self.kill_reason
             if self.kill_reason == "setup timeout":
@@ -535,8 +543,6 @@ class _Supervisor:
                 r.reason = "timeout: cpu time limit"
             else:
                 r.reason = f"signal {signal.Signals(sig).name}"
-            if self.pc.stats().get("oom_kill", 0) > 0:
-                r.reason = "memory"
             return
         code = os.WEXITSTATUS(status)
         if not self.observed and code == markers.EXIT_SETUP_FAILED:

@@ -45,6 +45,9 @@ SECCOMP_ALLOW: Final = (
     "exit_group",
 )
 
+#: memory the sandboxed process needs besides the guest's own (wasmtime, the Python shims,
+#: copy-on-write copies of the interpreter's pages): cgroup memory.max = guest + this
+RUNTIME_MEMORY: Final = 64 * 1024 * 1024
 #: headroom above the child's virtual size at the rlimit step, beyond the guest memory
 AS_HEADROOM: Final = 512 * 1024 * 1024
 NOFILE: Final = 16
@@ -66,7 +69,8 @@ class SandboxPlan:
     network: str  # "loopback" | "veth"
     net_bps: int
     address_index: int
-    memory_bytes: int
+    memory_bytes: int  # the guest's linear memory (wasmtime StoreLimits)
+    cgroup_memory_bytes: int  # the whole sandbox process: guest memory + the runtime
     cpu_percent: int
     pids: int
     io_bps: int
@@ -124,6 +128,7 @@ def build_plan(
         net_bps=limits.net_bps,
         address_index=address_index,
         memory_bytes=limits.memory_mb * 1024 * 1024,
+        cgroup_memory_bytes=limits.memory_mb * 1024 * 1024 + RUNTIME_MEMORY,
         cpu_percent=limits.cpu_percent,
         pids=limits.pids,
         io_bps=limits.io_bps,

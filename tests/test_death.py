@@ -285,3 +285,34 @@ def test_fd_guard_is_not_fooled_by_high_bits(base_plan: SandboxPlan) -> None:
         return payload
 
     assert_killed_by(run(base_plan, factory), "write")
+
+
+# ------------------------------------------------------------------ memory outside the guest
+
+
+def test_runtime_memory_beyond_the_sandbox_is_refused(base_plan: SandboxPlan) -> None:
+    """Touching 1 GiB in PID 1 (outside wasmtime's StoreLimits) is stopped by the kernel.
+
+    Where the plugin cgroup has a memory controller (cgroup v2 hosts, the guest kernel),
+    memory.max = guest memory + the runtime allowance and the OOM killer ends the whole
+    cgroup: reported ``killed: memory``. Where it has none (this hybrid host), RLIMIT_AS
+    refuses the mapping and the payload sees MemoryError (exit 3).
+    """
+
+    def factory() -> Payload:
+        def payload() -> int:
+            try:
+                block = b"x" * (1 << 30)  # written, so every page is really charged
+            except MemoryError:
+                return 3
+            return 4 if block else 5
+
+        return payload
+
+    hosts = cgroup.detect()
+    result = run_plan(base_plan, factory, hosts)
+    if "memory" in hosts.available_controllers():
+        assert result.status == "killed", result
+        assert result.reason.startswith("memory"), result
+    else:
+        assert_exited(result, 3)
