@@ -25,9 +25,16 @@ from typing import NoReturn
 # guest is imported here, before any fork: after pivot_root no module file can be read.
 from forgeone_isolate import caps, fds, guest, markers, mounts, ns, rlimits, seccomp_filter
 from forgeone_isolate import plan as plan_mod
+from forgeone_isolate._sys import libc as libc_mod
 from forgeone_isolate._sys.libc import CLONE_NEWCGROUP
 from forgeone_isolate.kernel import Kernel, RealKernel
 from forgeone_isolate.plan import SandboxPlan
+
+# One malloc arena for every thread of any process that forks sandboxes. glibc frees memory
+# of a secondary arena through shrink_heap, which opens /proc/sys/vm/overcommit_memory the
+# first time: in a child forked from a thread that used such an arena, that open would come
+# after the seccomp filter and kill it. With a single (main) arena that path never runs.
+libc_mod.set_malloc_arena_max(1)
 
 
 class StepFailed(Exception):

@@ -228,6 +228,13 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
 }
 
 
+def _one_line(text: str) -> str:
+    """Escape line breaks (a path argument may hold one): an error is one line."""
+    return "".join(
+        repr(c)[1:-1] if c in "\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029" else c for c in text
+    )
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run one command; returns the exit status."""
     out = out or sys.stdout
@@ -239,7 +246,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             raise UsageError(f"{args.command}: not built yet ({NOT_BUILT[args.command]})")
         return COMMANDS[args.command](args, out)
     except IsolateError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -249,5 +256,5 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except Exception as e:
         if os.environ.get("FORGEONE_DEBUG") == "1":
             traceback.print_exc()
-        print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"{PROG}: internal error: {type(e).__name__}: {_one_line(str(e))}", file=sys.stderr)
         return 1

@@ -422,6 +422,12 @@ class _Supervisor:
         with contextlib.suppress(OSError):
             self.brk.send(reply.frame)
 
+    def _send_marker(self, marker: str) -> None:
+        """A marker to the children; a child already gone (killed, say) is no error here:
+        its end of the story arrives as EOF and a wait status."""
+        with contextlib.suppress(OSError):
+            markers.send(self.ctl, marker)
+
     def _mark(self, name: str) -> None:
         self.result.timings[name] = round((time.monotonic() - self.t0) * 1000, 3)
 
@@ -445,7 +451,7 @@ class _Supervisor:
                 self.step_failed = {"step": e.step, "errno": e.errno, "message": e.message}
                 self.kill("setup failed")
                 return True
-            markers.send(self.ctl, markers.MAPPED)
+            self._send_marker(markers.MAPPED)
             self._mark("mapped_ms")
         elif m == markers.PID1 and isinstance(msg.get("pid"), int):
             self.pid1 = int(msg["pid"])
@@ -463,7 +469,7 @@ class _Supervisor:
             self.observed = True
             self._mark("observed_ms")
             self.deadline = time.monotonic() + self.plan.timeout_s
-            markers.send(self.ctl, markers.OBSERVED)
+            self._send_marker(markers.OBSERVED)
         elif m == markers.EXITED and isinstance(msg.get("status"), int):
             self.pid1_status = int(msg["status"])
         else:

@@ -11,10 +11,13 @@ Formats:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import stat
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -22,6 +25,7 @@ from typing import Final
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.utils import CryptographyDeprecationWarning
 
 from forgeone_isolate.errors import KeyFileError, VerificationError
 
@@ -104,11 +108,20 @@ def _read_small(path: Path, what: str) -> bytes:
     return data
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence cryptography's deprecation warnings (e.g. for a DH key): an error is one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        yield
+
+
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Read an unencrypted PKCS#8 PEM ed25519 private key. Raises: KeyFileError."""
     data = _read_small(path, "private key")
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        with _quiet():
+            key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise KeyFileError(f"private key {path}: not an unencrypted PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -120,7 +133,8 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     """Read a PEM ed25519 public key. Raises: KeyFileError."""
     data = _read_small(path, "public key")
     try:
-        key = serialization.load_pem_public_key(data)
+        with _quiet():
+            key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise KeyFileError(f"public key {path}: not a PEM public key") from None
     if not isinstance(key, Ed25519PublicKey):

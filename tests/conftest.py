@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 
+import psutil
 import pytest
 
 from forgeone_isolate import cgroup, probes
@@ -55,9 +57,29 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip(reason)
 
 
+_SUPERVISOR_RE = re.compile(r"-s(\d+)$")
+
+
+def _ours(path: str) -> bool:
+    """A plugin cgroup made by this test process or one of its descendants (or a
+    supervisor that is gone): the ones this process answers for. Another session's live
+    supervisor's cgroups are not ours."""
+    m = _SUPERVISOR_RE.search(os.path.basename(path))
+    if m is None:
+        return True
+    pid = int(m.group(1))
+    if pid == os.getpid():
+        return True
+    try:
+        proc = psutil.Process(pid)
+        return any(parent.pid == os.getpid() for parent in proc.parents())
+    except psutil.Error:
+        return True  # its supervisor is gone: whoever it was, this is a leftover
+
+
 def _plugin_dirs() -> set[str]:
     host = cgroup.detect()
-    return set(host.existing_plugin_dirs())
+    return {d for d in host.existing_plugin_dirs() if _ours(d)}
 
 
 @pytest.fixture
@@ -76,3 +98,15 @@ def leak_check() -> Iterator[None]:
         time.sleep(0.05)
         leaked = _plugin_dirs() - before
     assert not leaked, f"cgroup directories left behind: {sorted(leaked)}"
+
+
+def time_scale() -> float:
+    """How much slower this machine runs than the host the bounds were set on.
+
+    The integration guest (qemu TCG emulation) sets FORGEONE_TIME_SCALE; tests multiply
+    their generous upper bounds by it. Bounds only: no test asserts a speed.
+    """
+    try:
+        return max(1.0, float(os.environ.get("FORGEONE_TIME_SCALE", "1")))
+    except ValueError:
+        return 1.0

@@ -213,6 +213,21 @@ def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
     )
 
 
+# <malloc.h>
+M_ARENA_MAX: Final = -8
+
+
+def set_malloc_arena_max(n: int) -> bool:
+    """mallopt(M_ARENA_MAX, n); True when glibc accepted it."""
+    try:
+        mallopt = _libc.mallopt
+    except AttributeError:  # not glibc
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_ARENA_MAX, n))
+
+
 def raw_syscall(number: int, *args: int) -> int:
     """syscall(2) with integer arguments; returns -errno instead of raising (for tests)."""
     result = int(_libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) for a in args)))
