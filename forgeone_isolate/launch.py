@@ -221,6 +221,8 @@ def run_plan(
             with contextlib.suppress(Exception):
                 result.network.update(sup.link.stats())
             sup.link.teardown()
+        if sup is not None and sup.netns_fd >= 0:
+            os.close(sup.netns_fd)
         stats: dict[str, int] = {}
         with contextlib.suppress(Exception):
             stats = pc.stats()
@@ -322,6 +324,7 @@ class _Supervisor:
         self.on_observed = on_observed
         self.pid1 = -1
         self.link: Any = None  # netns.PluginLink once set up
+        self.netns_fd = -1
         self.pid1_status: int | None = None
         self.step_failed: dict[str, Any] | None = None
         self.kill_reason: str | None = None
@@ -375,6 +378,9 @@ class _Supervisor:
 
         pool = netns.AddressPool(netns.DEFAULT_NETWORK)
         host_addr, child_addr, prefix = pool.lease(self.plan.address_index % pool.capacity)
+        # Hold the namespace: when the plugin's processes end, the kernel would otherwise
+        # tear it down with the veth before its counters are read for the report.
+        self.netns_fd = os.open(f"/proc/{self.keeper}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self.link = netns.setup_plugin_link(
             self.keeper, self.plan.instance_id[:8], host_addr, child_addr, prefix, self.plan.net_bps
         )

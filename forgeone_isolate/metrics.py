@@ -151,8 +151,14 @@ def exposition(rows: Iterable[Mapping[str, Any]], live: Iterable[Mapping[str, An
             )
     live = list(live)
     if live:
-        for gauge in ("memory_current_bytes", "pids_current", "running"):
+        live_help = {
+            "memory_current_bytes": "Memory the running plugin's cgroup holds now.",
+            "pids_current": "Processes in the running plugin's cgroup.",
+            "running": "1 while the plugin runs.",
+        }
+        for gauge, help_text in live_help.items():
             metric = f"forgeone_plugin_{gauge}"
+            lines.append(f"# HELP {metric} {help_text}")
             lines.append(f"# TYPE {metric} gauge")
             for item in live:
                 lines.append(
