@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from forgeone_isolate import cgroup, child, launch, package, plan, wasm
+from forgeone_isolate import cgroup, child, launch, package, plan, policy, wasm
 from forgeone_isolate.uidpool import lease_uid
 
 GUEST = """(module
@@ -77,7 +77,9 @@ def main() -> int:
         if unshare:
             rows["unshare -Urmpn --fork true"] = []
         with lease_uid(Path(tmp) / "uids") as lease:
-            p = plan.build_plan(pkg.manifest, pkg.claimed_signer, lease.uid, info.lifecycle)
+            p = plan.build_plan(
+                pkg.manifest, pkg.claimed_signer, lease.uid, info.lifecycle, policy.Effective()
+            )
             for _ in range(args.n):
                 r = launch.run_plan(p, child.make_guest_payload(serialized, p), hosts)
                 if r.status != "ok":

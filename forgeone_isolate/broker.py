@@ -37,6 +37,8 @@ MAX_KEPT_LOGS = 1000
 MAX_OUTPUT = 1024 * 1024
 CONNECT_TIMEOUT_S = 5.0
 EAGAIN = -errno.EAGAIN
+#: at most one audit record per this many seconds for rate-limited calls (a flood)
+RATE_AUDIT_INTERVAL_S = 1.0
 EDQUOT = -errno.EDQUOT
 
 Resolver = Callable[[str, int], Sequence[str]]
@@ -132,8 +134,9 @@ class Broker:
         self.last_result: tuple[int, p.DoneKind] = (0, p.DoneKind.OK)
         #: set by the launcher once the plugin has its own shaped network namespace
         self.connector: Connector | None = None
+        self._clock = clock
         self._limiter = policy.RateLimiter(effective.rate_per_s, effective.burst, clock)
-        self._rate_window_audited = False
+        self._rate_audited_at = -RATE_AUDIT_INTERVAL_S
 
     @property
     def abusive(self) -> bool:
@@ -151,6 +154,9 @@ class Broker:
             return None
         try:
             req = p.decode_request(frame)
+        except p.UnknownOpError as e:
+            self._deny_raw(f"op{e.op}", "unknown call: -ENOSYS", started)
+            return Reply(p.encode_reply_raw(e.op, e.seq, abi.ENOSYS))
         except BrokerProtocolError as e:
             self.stats.violations += 1
             self._deny_raw("malformed", f"{e} ({len(frame)} bytes)", started)
@@ -160,6 +166,9 @@ class Broker:
         if isinstance(body, p.Done):
             if self.done is None:
                 self.done = body
+            else:
+                self.stats.violations += 1
+                self._deny_raw("done", "a second DONE", started)
             return None
         if isinstance(body, p.Idle):
             if self.idle_seq is not None:
@@ -172,17 +181,17 @@ class Broker:
         if not self._limiter.allow():
             self.stats.rate_denied += 1
             self.stats.denied += 1
-            if not self._rate_window_audited:
-                self._rate_window_audited = True
+            now = self._clock()
+            if now - self._rate_audited_at >= RATE_AUDIT_INTERVAL_S:
+                self._rate_audited_at = now
                 self._record(
                     req.op,
                     {},
                     False,
-                    "rate limit exceeded (further denials counted, not logged)",
+                    "rate limit exceeded (denials in the next second counted, not logged)",
                     started,
                 )
             return Reply(p.encode_reply(req.op, req.seq, EAGAIN))
-        self._rate_window_audited = False
         result, data, fd, args, reason = self._dispatch(body)
         allowed = result >= 0
         if allowed:
@@ -220,7 +229,8 @@ class Broker:
         if self.idle_seq is None:
             raise BrokerProtocolError("the child is not idle")
         seq, self.idle_seq = self.idle_seq, None
-        self.output.clear()
+        if command is p.Command.CALL:
+            self.output.clear()  # what the guest outputs from here on answers this call
         return Reply(p.encode_reply(p.Op.IDLE, seq, int(command), data[: p.MAX_DATA]))
 
     # ------------------------------------------------------------------ ops

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import selectors
 import signal
 import socket
@@ -276,6 +277,13 @@ def sweep_stale_cgroups(cgroups: cgroup.CgroupHost) -> list[str]:
     return removed
 
 
+def _peer_gone(sock: socket.socket) -> bool:
+    """After a zero-length read: the child hung up (EOF), or sent an empty message?"""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLRDHUP)
+    return any(ev & (select.POLLHUP | select.POLLRDHUP) for _, ev in poller.poll(0))
+
+
 def _close_passed_fds(ancdata: list[tuple[int, int, bytes]]) -> int:
     """Close any descriptor the child tried to pass us; return how many there were."""
     count = 0
@@ -487,7 +495,7 @@ class _Supervisor:
             frame, ancdata, flags, _ = self.brk.recvmsg(p.MAX_FRAME + 1, _ANCILLARY_SPACE)
         except OSError:
             return False
-        if not frame and not ancdata:
+        if not frame and not ancdata and _peer_gone(self.brk):
             return False
         if "first_call_ms" not in self.result.timings:
             self._mark("first_call_ms")

@@ -168,6 +168,16 @@ class Frame:
     body: Request
 
 
+class UnknownOpError(BrokerProtocolError):
+    """Raised for a well-formed header naming an op this protocol does not know: the
+    caller answers it with -ENOSYS (a newer guest runtime, say), not as abuse."""
+
+    def __init__(self, seq: int, op: int) -> None:
+        super().__init__(f"protocol: unknown op {op}")
+        self.seq = seq
+        self.op = op
+
+
 def _bad(msg: str) -> BrokerProtocolError:
     return BrokerProtocolError(f"protocol: {msg}")
 
@@ -184,7 +194,7 @@ def decode_request(frame: bytes) -> Frame:
     try:
         op = Op(op_raw)
     except ValueError:
-        raise _bad(f"unknown op {op_raw}") from None
+        raise UnknownOpError(seq, op_raw) from None
     body = frame[HEADER.size :]
     return Frame(seq, op, _decode_body(op, body))
 
@@ -296,6 +306,11 @@ def encode_done(phase: int, code: int, kind: DoneKind, message: bytes) -> bytes:
 def encode_reply(op: Op, seq: int, result: int, data: bytes = b"") -> bytes:
     """One reply frame (parent side)."""
     return REPLY_HEADER.pack(VERSION, op, seq & 0xFFFFFFFF, result) + data
+
+
+def encode_reply_raw(op: int, seq: int, result: int) -> bytes:
+    """A reply for an op number outside :class:`Op` (answered -ENOSYS)."""
+    return REPLY_HEADER.pack(VERSION, op & 0xFF, seq & 0xFFFFFFFF, result)
 
 
 def decode_reply(frame: bytes, op: Op, seq: int) -> tuple[int, bytes]:

@@ -1,0 +1,302 @@
+"""Scale of the root host service: N idle plugins under one ``serve``.
+
+Starts ``python -m forgeone_isolate serve`` on a temporary socket and state directory,
+installs N copies of the C sample (``native/build/sample``, under N names), then measures:
+
+- launches per second through the fork server: every plugin started by concurrent
+  ``start`` requests (each returns once its guest idles), wall time for all of them;
+- the single-launch latency (``start`` request to idle guest, one at a time);
+- memory per idle plugin: USS and PSS (psutil ``memory_full_info``) summed over the
+  plugin host, the keeper and PID 1 of each plugin;
+- control-socket latency: ``ping`` (socket + JSON + dispatch) and ``call`` (through the
+  plugin host, the broker and the guest's ``handle``), p50 and p99;
+- the time ``list`` takes with N plugins, and the SIGTERM stop of all of them.
+
+Prints a table and writes bench/results/scale.json (or --out).
+
+Usage (root): .venv/bin/python bench/scale.py [--n 100] [--clients 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from forgeone_isolate import control, package, signing
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "native" / "build" / "sample"
+MIB = 1024 * 1024
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"serve exited with {proc.returncode}")
+        try:
+            with control.Client(path, timeout=5) as c:
+                c.request("ping")
+            return
+        except control.ServiceUnavailable:
+            time.sleep(0.05)
+    raise SystemExit("serve did not come up")
+
+
+def pack_all(root: Path, n: int) -> tuple[Path, list[bytes]]:
+    pair = signing.keygen(root / "keys")
+    key = signing.load_private_key(pair.private_path)
+    base = json.loads((SAMPLE / "manifest.json").read_text())
+    out = []
+    for i in range(n):
+        src = root / "src"
+        shutil.rmtree(src, ignore_errors=True)
+        src.mkdir()
+        shutil.copyfile(SAMPLE / "plugin.wasm", src / "plugin.wasm")
+        (src / "manifest.json").write_text(json.dumps(dict(base, name=f"scale-{i:04d}")))
+        out.append(package.build_package(src, key))
+    return pair.public_path, out
+
+
+def plugin_memory(host_pid: int) -> dict[str, int]:
+    """USS/PSS of a plugin host and its descendants (keeper, PID 1)."""
+    host = psutil.Process(host_pid)
+    procs = [host, *host.children(recursive=True)]
+    uss = pss = rss = 0
+    for p in procs:
+        info = p.memory_full_info()
+        uss += info.uss
+        pss += info.pss
+        rss += info.rss
+    return {"uss": uss, "pss": pss, "rss": rss, "processes": len(procs)}
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": round(statistics.fmean(values), 3),
+        "p50": round(pct(values, 0.5), 3),
+        "p90": round(pct(values, 0.9), 3),
+        "max": round(max(values), 3),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=100, help="idle plugins (100, 500, 1000...)")
+    ap.add_argument("--clients", type=int, default=8, help="concurrent start requests")
+    ap.add_argument("--pings", type=int, default=2000)
+    ap.add_argument("--calls", type=int, default=1000)
+    ap.add_argument("--single", type=int, default=20, help="one-at-a-time launches timed")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench/scale.py runs the service: run it as root")
+
+    tmp = Path(tempfile.mkdtemp(prefix="forgeone-scale-"))
+    sock = tmp / "control.sock"
+    proc: subprocess.Popen[bytes] | None = None
+    results: dict[str, Any] = {
+        "n": args.n,
+        "host": {
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "mem_total_mib": round(psutil.virtual_memory().total / MIB),
+        },
+    }
+    try:
+        trust, pkgs = pack_all(tmp, args.n)
+        config = tmp / "config.toml"
+        config.write_text(
+            f'state_dir = "{tmp}/state"\ntrust = "{trust}"\nlog_level = "warning"\n'
+            f"max_plugins = {args.n + 10}\n"
+            f'[control]\nsocket = "{sock}"\nmax_connections = {args.clients + 8}\n'
+            '[restart]\npolicy = "no"\n'
+        )
+        log = open(tmp / "service.log", "wb")  # noqa: SIM115 - lives as long as the service
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "forgeone_isolate", "serve", "--config", str(config)],
+            cwd=REPO,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        t0 = time.perf_counter()
+        wait_for_socket(sock, proc)
+        results["service_start_s"] = round(time.perf_counter() - t0, 3)
+
+        import base64
+
+        with control.Client(sock) as c:
+            t0 = time.perf_counter()
+            for data in pkgs:
+                c.request("install", package_b64=base64.b64encode(data).decode())
+            install_s = time.perf_counter() - t0
+        results["installs_per_s"] = round(args.n / install_s, 1)
+        names = [f"scale-{i:04d}" for i in range(args.n)]
+
+        # One at a time: the latency of a launch through the fork server.
+        single: list[float] = []
+        with control.Client(sock) as c:
+            for name in names[: args.single]:
+                t = time.perf_counter()
+                c.request("start", name=name)
+                single.append((time.perf_counter() - t) * 1000)
+            for name in names[: args.single]:
+                c.request("stop", name=name)
+        results["launch_latency_ms"] = summary(single)
+
+        # All of them, concurrently.
+        queue = list(names)
+        lock = threading.Lock()
+        errors: list[str] = []
+
+        def starter() -> None:
+            with control.Client(sock) as c:
+                while True:
+                    with lock:
+                        if not queue:
+                            return
+                        name = queue.pop()
+                    try:
+                        c.request("start", name=name)
+                    except (control.ServiceError, control.ServiceUnavailable) as e:
+                        errors.append(f"{name}: {e}")
+
+        threads = [threading.Thread(target=starter) for _ in range(args.clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        results["launch_all_s"] = round(wall, 3)
+        results["launches_per_s"] = round(args.n / wall, 1)
+        results["launch_errors"] = errors[:10]
+        results["launch_error_count"] = len(errors)
+
+        time.sleep(2.0)  # let them settle into idle
+        with control.Client(sock) as c:
+            t = time.perf_counter()
+            listed = c.request("list")["plugins"]
+            results["list_ms"] = round((time.perf_counter() - t) * 1000, 1)
+        running = [p for p in listed if p["state"] == "running"]
+        results["running"] = len(running)
+        mems = []
+        for p in running:
+            try:
+                mems.append(plugin_memory(int(p["host_pid"])))
+            except psutil.NoSuchProcess:
+                continue
+        uss = [m["uss"] / MIB for m in mems]
+        pss = [m["pss"] / MIB for m in mems]
+        results["uss_mib_per_plugin"] = summary(uss)
+        results["pss_mib_per_plugin"] = summary(pss)
+        results["processes_per_plugin"] = statistics.mode(m["processes"] for m in mems)
+        svc = psutil.Process(proc.pid)
+        kids = svc.children()
+        fs = next((k for k in kids if k.name().startswith("forgeone-forksv")), None)
+        results["service_uss_mib"] = round(svc.memory_full_info().uss / MIB, 1)
+        if fs is not None:
+            results["forkserver_uss_mib"] = round(fs.memory_full_info().uss / MIB, 1)
+            results["forkserver_rss_mib"] = round(fs.memory_full_info().rss / MIB, 1)
+        results["total_pss_mib"] = round(
+            sum(pss)
+            + svc.memory_full_info().pss / MIB
+            + (fs.memory_full_info().pss / MIB if fs else 0),
+            1,
+        )
+
+        with control.Client(sock) as c:
+            pings = []
+            for _ in range(args.pings):
+                t = time.perf_counter()
+                c.request("ping")
+                pings.append((time.perf_counter() - t) * 1e6)
+            calls = []
+            for i in range(args.calls):
+                name = running[i % len(running)]["name"]
+                t = time.perf_counter()
+                out = c.request("call", name=name, input="scale")
+                calls.append((time.perf_counter() - t) * 1e6)
+                assert out["output"] == "SCALE"
+        results["ping_us"] = {"p50": round(pct(pings, 0.5)), "p99": round(pct(pings, 0.99))}
+        results["call_us"] = {"p50": round(pct(calls, 0.5)), "p99": round(pct(calls, 0.99))}
+
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+        results["sigterm_stop_s"] = round(time.perf_counter() - t0, 2)
+        results["sigterm_exit_status"] = proc.returncode
+        left = [
+            p
+            for p in psutil.process_iter(["name"])
+            if (p.info["name"] or "").startswith("fo-scale")
+        ]
+        results["processes_left"] = len(left)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    u, ps = results["uss_mib_per_plugin"], results["pss_mib_per_plugin"]
+    rows = [
+        ("idle plugins running", f"{results['running']} / {args.n}"),
+        ("processes per plugin", str(results["processes_per_plugin"])),
+        ("USS per plugin (MiB)", f"mean {u['mean']:.2f}  p50 {u['p50']:.2f}  max {u['max']:.2f}"),
+        (
+            "PSS per plugin (MiB)",
+            f"mean {ps['mean']:.2f}  p50 {ps['p50']:.2f}  max {ps['max']:.2f}",
+        ),
+        ("total PSS (MiB)", f"{results['total_pss_mib']}"),
+        (
+            "service / fork server USS (MiB)",
+            f"{results['service_uss_mib']} / {results.get('forkserver_uss_mib')}",
+        ),
+        ("launches/s (concurrent starts)", f"{results['launches_per_s']} ({args.clients} clients)"),
+        (
+            "launch latency (ms, one at a time)",
+            f"p50 {results['launch_latency_ms']['p50']}  p90 {results['launch_latency_ms']['p90']}",
+        ),
+        ("control ping (us)", f"p50 {results['ping_us']['p50']}  p99 {results['ping_us']['p99']}"),
+        ("control call (us)", f"p50 {results['call_us']['p50']}  p99 {results['call_us']['p99']}"),
+        ("list with N plugins (ms)", str(results["list_ms"])),
+        ("installs/s", str(results["installs_per_s"])),
+        (
+            "SIGTERM stop of all (s)",
+            f"{results['sigterm_stop_s']} (exit {results['sigterm_exit_status']})",
+        ),
+        ("launch errors", str(results["launch_error_count"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"forgeone-isolate service scale, N={args.n}, {os.cpu_count()} CPUs")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
