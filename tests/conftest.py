@@ -110,3 +110,24 @@ def time_scale() -> float:
         return max(1.0, float(os.environ.get("FORGEONE_TIME_SCALE", "1")))
     except ValueError:
         return 1.0
+
+
+_FIGURES: list[tuple[str, str]] = []
+
+
+@pytest.fixture
+def figure(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Record one measured figure (a rate, a share, a time); all are listed at the end of
+    the run, so CI logs show what each limit test measured."""
+
+    def record(text: str) -> None:
+        _FIGURES.append((request.node.name, text))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _FIGURES:
+        terminalreporter.section("figures measured")
+        for name, text in _FIGURES:
+            terminalreporter.write_line(f"{name}: {text}")

@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,7 +232,7 @@ def timed_loop(g: Guest, name: str, op: str, slot: int, limit: int | None = None
 # --------------------------------------------------------------------------------- cpu
 
 
-def test_cpu_percent_caps_a_busy_plugin(env: Env) -> None:
+def test_cpu_percent_caps_a_busy_plugin(env: Env, figure: Callable[[str], None]) -> None:
     spin = (PLUGINS / "spin.wat").read_text()
     share: dict[int, float] = {}
     throttled: dict[int, int] = {}
@@ -250,7 +250,7 @@ def test_cpu_percent_caps_a_busy_plugin(env: Env) -> None:
         m = report["metrics"]
         share[pct] = m["cpu_usage_ns"] / (m["wall_ms"] * 1e6)
         throttled[pct] = m["nr_throttled"]
-    print(
+    figure(
         f"cpu share of one core: 20% limit {share[20]:.3f} ({throttled[20]} periods throttled),"
         f" 100% limit {share[100]:.3f}"
     )
@@ -304,7 +304,7 @@ def _drop_from_page_cache(path: Path) -> None:
         os.close(fd)
 
 
-def test_io_bps_paces_reads_from_disk(env: Env) -> None:
+def test_io_bps_paces_reads_from_disk(env: Env, figure: Callable[[str], None]) -> None:
     # Reads, not writes: on v1 blkio, buffered writes reach the disk later through the
     # kernel's writeback threads, which are not in the plugin's cgroup, so v1 cannot
     # throttle them. Reads are submitted by the reading task itself (the plugin), so they
@@ -337,7 +337,7 @@ def test_io_bps_paces_reads_from_disk(env: Env) -> None:
         took[bps] = res["rd_ms"] / 1000
         assert report["metrics"]["io_read_bytes"] >= IO_FILE_BYTES, report["metrics"]
     expected = IO_FILE_BYTES / IO_BPS
-    print(
+    figure(
         f"io: 4 MiB read at 1 MiB/s took {took[IO_BPS]:.2f} s (expected {expected:.1f} s),"
         f" unthrottled {took[IO_UNTHROTTLED_BPS]:.3f} s"
     )
@@ -455,10 +455,10 @@ def run_transfer(env: Env, net_bps: int) -> Transfer:
     return Transfer(report, RX_BYTES * 8 / (max(res["rx_ms"], 1) / 1000), server.rx_rate_bps)
 
 
-def test_net_bps_shapes_both_directions(env: Env) -> None:
+def test_net_bps_shapes_both_directions(env: Env, figure: Callable[[str], None]) -> None:
     slow = run_transfer(env, NET_BPS)
     fast = run_transfer(env, FAST_NET_BPS)
-    print(
+    figure(
         f"net at {NET_BPS / 1e6:.0f} Mbit/s: to the plugin {slow.to_plugin_bps / 1e6:.2f},"
         f" from the plugin {slow.from_plugin_bps / 1e6:.2f} Mbit/s; at"
         f" {FAST_NET_BPS / 1e6:.0f} Mbit/s: {fast.to_plugin_bps / 1e6:.0f},"
