@@ -104,7 +104,8 @@ class Guest:
     def fd_write(self, label: str, slot: int, data: bytes) -> None:
         dp, dl = self._str(data)
         self._report(
-            label, f"(call $fd_write (i32.load (i32.const {900 + 4 * slot})) (i32.const {dp}) (i32.const {dl}))"
+            label,
+            f"(call $fd_write (i32.load (i32.const {900 + 4 * slot})) (i32.const {dp}) (i32.const {dl}))",
         )
 
     def fd_close(self, label: str, slot: int) -> None:
@@ -113,7 +114,10 @@ class Guest:
     def kv_set(self, label: str, key: bytes, value: bytes) -> None:
         kp, kl = self._str(key)
         vp, vl = self._str(value)
-        self._report(label, f"(call $kv_set (i32.const {kp}) (i32.const {kl}) (i32.const {vp}) (i32.const {vl}))")
+        self._report(
+            label,
+            f"(call $kv_set (i32.const {kp}) (i32.const {kl}) (i32.const {vp}) (i32.const {vl}))",
+        )
 
     def kv_get_log(self, label: str, key: bytes) -> None:
         kp, kl = self._str(key)
@@ -145,7 +149,7 @@ class Guest:
             for off, s in zip(_offsets(self.strings), self.strings, strict=True)
         )
         body = "\n    ".join(self.steps)
-        return f"(module{PRELUDE}{data}  (func (export \"start\") (result i32)\n    {body}\n    (i32.const 0)))\n"
+        return f'(module{PRELUDE}{data}  (func (export "start") (result i32)\n    {body}\n    (i32.const 0)))\n'
 
 
 def _offsets(strings: list[bytes]) -> list[int]:
@@ -160,7 +164,13 @@ def _escape(data: bytes) -> str:
     return "".join(f"\\{b:02x}" for b in data)
 
 
-def write_plugin(directory: Path, name: str, wat: str, permissions: dict[str, object] | None = None, limits: dict[str, int] | None = None) -> Path:
+def write_plugin(
+    directory: Path,
+    name: str,
+    wat: str,
+    permissions: dict[str, object] | None = None,
+    limits: dict[str, int] | None = None,
+) -> Path:
     """A plugin source directory (manifest.json + plugin.wat) ready for ``pack``."""
     directory.mkdir(parents=True, exist_ok=True)
     manifest = {

@@ -17,7 +17,6 @@ import socket
 from collections.abc import Callable, Iterator
 
 import pytest
-
 from conftest import time_scale
 
 from forgeone_isolate import cgroup, plan, policy, uidpool

@@ -20,7 +20,6 @@ from typing import Any
 
 import psutil
 import pytest
-
 from conftest import time_scale
 
 from forgeone_isolate import cgroup
