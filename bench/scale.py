@@ -56,9 +56,10 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 
         try:
             with control.Client(path, timeout=5) as c:
                 c.request("ping")
-            return
         except control.ServiceUnavailable:
             time.sleep(0.05)
+        else:
+            return
     raise SystemExit("serve did not come up")
 
 
@@ -90,6 +91,34 @@ def plugin_memory(host_pid: int) -> dict[str, int]:
     return {"uss": uss, "pss": pss, "rss": rss, "processes": len(procs)}
 
 
+def cpu_busy_s() -> float:
+    """Seconds of CPU time the whole machine spent busy (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def _trivial_host(spec: dict[str, Any], chan: Any) -> Any:
+    os._exit(0)
+
+
+def forkserver_spawn_rate(n: int) -> float:
+    """Spawns per second of the bare fork server (a host that exits at once), with the
+    service's preload: the fork server's own ceiling, before any sandbox work."""
+    from forgeone_isolate.forkserver import ForkServer
+    from forgeone_isolate.pluginhost import preload
+
+    fs = ForkServer.start(_trivial_host, preload=preload)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fs.spawn({"name": "bench"}).close()
+        return n / (time.perf_counter() - t0)
+    finally:
+        fs.close()
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {
         "mean": round(statistics.fmean(values), 3),
@@ -111,11 +140,13 @@ def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("bench/scale.py runs the service: run it as root")
 
+    spawn_rate = forkserver_spawn_rate(200)  # first: the fork server needs a thread-free caller
     tmp = Path(tempfile.mkdtemp(prefix="forgeone-scale-"))
     sock = tmp / "control.sock"
     proc: subprocess.Popen[bytes] | None = None
     results: dict[str, Any] = {
         "n": args.n,
+        "forkserver_spawns_per_s": round(spawn_rate, 1),
         "host": {
             "cpus": os.cpu_count(),
             "kernel": platform.release(),
@@ -183,12 +214,14 @@ def main() -> int:
                         errors.append(f"{name}: {e}")
 
         threads = [threading.Thread(target=starter) for _ in range(args.clients)]
+        busy0 = cpu_busy_s()
         t0 = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        results["cpu_ms_per_launch"] = round((cpu_busy_s() - busy0) * 1000 / args.n, 1)
         results["launch_all_s"] = round(wall, 3)
         results["launches_per_s"] = round(args.n / wall, 1)
         results["launch_errors"] = errors[:10]
@@ -207,6 +240,18 @@ def main() -> int:
                 mems.append(plugin_memory(int(p["host_pid"])))
             except psutil.NoSuchProcess:
                 continue
+        roles: dict[str, list[float]] = {"host": [], "keeper": [], "pid1": []}
+        for p in running:
+            try:
+                host = psutil.Process(int(p["host_pid"]))
+                chain = [host, *host.children(recursive=True)]
+                for role, proc_ in zip(roles, chain, strict=False):
+                    roles[role].append(proc_.memory_full_info().uss / MIB)
+            except psutil.NoSuchProcess:
+                continue
+        results["uss_mib_by_process"] = {
+            role: round(statistics.fmean(v), 2) for role, v in roles.items() if v
+        }
         uss = [m["uss"] / MIB for m in mems]
         pss = [m["pss"] / MIB for m in mems]
         results["uss_mib_per_plugin"] = summary(uss)
@@ -270,12 +315,21 @@ def main() -> int:
             "PSS per plugin (MiB)",
             f"mean {ps['mean']:.2f}  p50 {ps['p50']:.2f}  max {ps['max']:.2f}",
         ),
+        (
+            "USS by process (MiB)",
+            "  ".join(f"{k} {v}" for k, v in results["uss_mib_by_process"].items()),
+        ),
         ("total PSS (MiB)", f"{results['total_pss_mib']}"),
         (
             "service / fork server USS (MiB)",
             f"{results['service_uss_mib']} / {results.get('forkserver_uss_mib')}",
         ),
-        ("launches/s (concurrent starts)", f"{results['launches_per_s']} ({args.clients} clients)"),
+        ("fork server spawns/s (bare host)", str(results["forkserver_spawns_per_s"])),
+        (
+            "launches/s (concurrent starts)",
+            f"{results['launches_per_s']} ({args.clients} clients;"
+            f" {results['cpu_ms_per_launch']} ms CPU each, machine-wide)",
+        ),
         (
             "launch latency (ms, one at a time)",
             f"p50 {results['launch_latency_ms']['p50']}  p90 {results['launch_latency_ms']['p90']}",
