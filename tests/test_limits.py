@@ -258,7 +258,9 @@ def test_cpu_percent_caps_a_busy_plugin(env: Env, figure: Callable[[str], None])
     assert throttled[20] >= 10, throttled  # most of the ~20 periods of 100 ms in 2 s
     # Without the 20% cap the same guest takes far more (less than a whole core only when
     # other work on this machine competes for it).
-    assert share[100] > max(0.35, 1.5 * share[20]), share
+    # side by side: without the cap the same guest takes clearly more (other load on a
+    # shared machine can squeeze the uncapped run, so the margin is relative)
+    assert share[100] > 1.5 * share[20], share
 
 
 # ------------------------------------------------------------------------------ memory
