@@ -9,7 +9,6 @@ namespace and pivot_root, seccomp filter) really try it, in a short-lived forked
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import importlib.metadata
 import os
@@ -20,27 +19,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from forgeone_isolate import cgroup
-from forgeone_isolate.errors import SetupError
+import prctl
 
-# <linux/sched.h>
-CLONE_NEWNS: Final = 0x00020000
-CLONE_NEWUSER: Final = 0x10000000
-# <linux/prctl.h>
-PR_GET_SECCOMP: Final = 21
-PR_SET_NO_NEW_PRIVS: Final = 38
-# <linux/mount.h>
-MS_RDONLY: Final = 0x1
-MS_REMOUNT: Final = 0x20
-MS_BIND: Final = 0x1000
-MS_REC: Final = 0x4000
-MS_PRIVATE: Final = 0x40000
-MNT_DETACH: Final = 0x2
+from forgeone_isolate import cgroup, mounts
+from forgeone_isolate._sys import libc
+from forgeone_isolate._sys.libc import CLONE_NEWNS, CLONE_NEWUSER
+from forgeone_isolate.errors import SetupError
+from forgeone_isolate.kernel import RealKernel
+
 # <linux/landlock.h>
 LANDLOCK_CREATE_RULESET_VERSION: Final = 1
 # Syscall numbers (asm/unistd_64.h; landlock's 444 is shared by every architecture).
 SYS_LANDLOCK_CREATE_RULESET: Final = 444
-SYS_PIVOT_ROOT: Final[dict[str, int]] = {"x86_64": 155, "aarch64": 41}
 
 #: Probes a launch cannot do without (see :func:`launch_possible`).
 REQUIRED: Final = ("root", "userns", "mountns", "seccomp")
@@ -48,8 +38,8 @@ REQUIRED: Final = ("root", "userns", "mountns", "seccomp")
 #: What holds a limit when its cgroup controller is unavailable.
 FALLBACKS: Final[dict[str, str]] = {
     "memory": "RLIMIT_AS and wasmtime StoreLimits",
-    "cpu": "wasmtime fuel / the parent's deadline kill and RLIMIT_CPU",
-    "pids": "RLIMIT_NPROC and the seccomp filter (no fork/clone)",
+    "cpu": "the parent's deadline kill (timeout_s) and RLIMIT_CPU",
+    "pids": "the seccomp filter (no fork or clone after it)",
     "io": "nothing: io through broker-passed fds is not throttled",
 }
 
@@ -61,32 +51,6 @@ class Probe:
     name: str
     ok: bool
     detail: str
-
-
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.unshare.argtypes = [ctypes.c_int]
-    libc.unshare.restype = ctypes.c_int
-    libc.mount.argtypes = [
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_ulong,
-        ctypes.c_void_p,
-    ]
-    libc.mount.restype = ctypes.c_int
-    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    libc.umount2.restype = ctypes.c_int
-    libc.prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
-    libc.prctl.restype = ctypes.c_int
-    libc.syscall.restype = ctypes.c_long
-    return libc
-
-
-def _check(step: str, result: int) -> None:
-    if result == -1:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{step}: {os.strerror(err)}")
 
 
 def _errname(err: int) -> str:
@@ -141,7 +105,7 @@ def probe_userns() -> Probe:
     """Whether unshare(CLONE_NEWUSER) works, tried in a forked child."""
 
     def body() -> str:
-        _check("unshare(CLONE_NEWUSER)", _libc().unshare(CLONE_NEWUSER))
+        libc.unshare(CLONE_NEWUSER)
         return ""
 
     failure = _in_child(body)
@@ -154,26 +118,13 @@ def probe_userns() -> Probe:
 
 def probe_mountns() -> Probe:
     """Whether a mount namespace, a private tmpfs root, pivot_root and read-only work."""
-    nr = SYS_PIVOT_ROOT.get(platform.machine())
-    if nr is None:
-        return Probe("mountns", False, f"pivot_root number unknown on {platform.machine()}")
     new_root = tempfile.mkdtemp(prefix="forgeone-probe-")
 
     def body() -> str:
-        libc = _libc()
+        # The very steps a launch takes (mounts.setup_empty_root), in a throwaway child.
         flags = CLONE_NEWNS if os.geteuid() == 0 else CLONE_NEWNS | CLONE_NEWUSER
-        _check("unshare(CLONE_NEWNS)", libc.unshare(flags))
-        _check("mount / private", libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None))
-        target = os.fsencode(new_root)
-        _check("mount tmpfs", libc.mount(b"tmpfs", target, b"tmpfs", 0, b"size=64k,mode=0755"))
-        os.mkdir(os.path.join(new_root, "old"))
-        os.chdir(new_root)
-        _check("pivot_root", libc.syscall(nr, b".", b"old"))
-        _check("umount old root", libc.umount2(b"old", MNT_DETACH))
-        os.chdir("/")
-        os.rmdir("/old")
-        ro = MS_REMOUNT | MS_BIND | MS_RDONLY
-        _check("remount root read-only", libc.mount(None, b"/", None, ro, None))
+        libc.unshare(flags)
+        mounts.setup_empty_root(RealKernel(), new_root)
         return ""
 
     try:
@@ -188,17 +139,17 @@ def probe_mountns() -> Probe:
 
 def probe_seccomp() -> Probe:
     """Whether seccomp filters work: PR_GET_SECCOMP, ``import pyseccomp``, a filter loads."""
-    mode = _libc().prctl(PR_GET_SECCOMP, 0, 0, 0, 0)
-    if mode == -1:
-        err = ctypes.get_errno()
-        return Probe("seccomp", False, f"prctl(PR_GET_SECCOMP) failed: {_errname(err)}")
+    try:
+        mode = int(prctl.get_seccomp())
+    except OSError as exc:
+        return Probe("seccomp", False, f"prctl(PR_GET_SECCOMP) failed: {_errname(exc.errno or 0)}")
     try:
         import pyseccomp
     except (ImportError, OSError) as exc:
         return Probe("seccomp", False, f"libseccomp not importable (pyseccomp): {exc}")
 
     def body() -> str:
-        _check("PR_SET_NO_NEW_PRIVS", _libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+        prctl.set_no_new_privs(1)
         f = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
         f.add_rule(pyseccomp.ERRNO(errno.EPERM), "uname")
         f.load()
@@ -217,12 +168,9 @@ def probe_seccomp() -> Probe:
 
 def probe_landlock() -> Probe:
     """The Landlock ABI version (informational; not a launch requirement)."""
-    libc = _libc()
-    abi = libc.syscall(
-        SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), LANDLOCK_CREATE_RULESET_VERSION
-    )
+    abi = libc.raw_syscall(SYS_LANDLOCK_CREATE_RULESET, 0, 0, LANDLOCK_CREATE_RULESET_VERSION)
     if abi < 0:
-        err = ctypes.get_errno()
+        err = -abi
         why = {errno.ENOSYS: "not built in", errno.EOPNOTSUPP: "disabled at boot"}.get(err, "")
         return Probe("landlock", False, f"unavailable: {_errname(err)} {why}".rstrip())
     return Probe("landlock", True, f"ABI {abi}")
