@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conftest import time_scale
+
 # Memory layout: 0..1023 scratch for itoa, 1024..65535 I/O buffer, 65536.. string data.
 BUF = 1024
 BUF_LEN = 60000
@@ -179,7 +181,7 @@ def write_plugin(
         "abi": 1,
         "entry": "plugin.wasm",
         "permissions": permissions or {},
-        "limits": {"memory_mb": 16, "timeout_s": 20, **(limits or {})},
+        "limits": {"memory_mb": 16, "timeout_s": round(20 * time_scale()), **(limits or {})},
     }
     (directory / "manifest.json").write_text(json.dumps(manifest))
     (directory / "plugin.wat").write_text(wat)
