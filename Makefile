@@ -40,8 +40,10 @@ test: lint typecheck unit
 # The guest-kernel stage: a pure cgroup-v2 Debian kernel under qemu (TCG) runs the guest
 # smoke suite and the host tests that exercise isolation and limits, on the v2 code path.
 # --basetemp: the guest's /tmp is a tmpfs; io.max needs test files on the (virtio) disk.
+# (The broker suite stays on the host: its flood tests measure throughput, which emulation
+# does not have; the broker is the same code on v1 and v2.)
 GUEST_TESTS := integration/guest tests/test_launch.py tests/test_death.py tests/test_cgroup.py \
-	tests/test_limits.py tests/test_broker_launch.py
+	tests/test_limits.py
 
 integration: setup
 	$(PY) integration/run.py -- -p no:cacheprovider -q -rfEs --basetemp=/var/tmp/forgeone-pytest $(GUEST_TESTS)
