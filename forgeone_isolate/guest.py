@@ -44,10 +44,14 @@ class _Channel:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.seq = 0
-        # Built before the filter: constructing a socket object makes syscalls of its own.
-        self.sock = socket.socket(fileno=fd)
+        self.sock: socket.socket | None = None
         self.handles: dict[int, int] = {}
         self._next_handle = 1
+
+    def bind(self) -> None:
+        """In the child, once fd is the broker socket and before the filter: building a
+        socket object makes syscalls of its own."""
+        self.sock = socket.socket(fileno=self.fd)
 
     def call(self, op: p.Op, frame_body: Callable[[int], bytes]) -> tuple[int, bytes]:
         self.seq = (self.seq + 1) & MASK32
@@ -61,6 +65,7 @@ class _Channel:
             return -errno.EMFILE
         self.seq = (self.seq + 1) & MASK32
         os.write(self.fd, frame_body(self.seq))
+        assert self.sock is not None, "bind() the channel before the guest runs"
         reply, ancdata, _flags, _addr = self.sock.recvmsg(p.MAX_FRAME, _FD_ANCILLARY)
         fds: list[int] = []
         for level, kind, data in ancdata:
@@ -200,10 +205,10 @@ def _first_line(e: BaseException) -> str:
 def prepare(
     serialized: bytes, memory_limit: int, lifecycle: tuple[str, ...], broker_fd: int
 ) -> PreparedGuest:
-    """Before the filter: engine, deserialised module, store with limits, linker with shims.
-
-    No guest code runs here (instantiation, which runs a wasm start function, comes after
-    the filter).
+    """Engine, deserialised module, store with limits, linker with shims: everything but
+    the guest's own code, which runs (instantiation included: a wasm start function) only
+    after the filter. Called in the parent before the fork (the child inherits the objects,
+    so its setup stays short); the child then calls ``channel.bind()`` before its filter.
     """
     engine = make_engine()
     module = wasmtime.Module.deserialize(engine, serialized)

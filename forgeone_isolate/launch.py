@@ -70,6 +70,8 @@ class LaunchResult:
     logs_dropped: int = 0
     network: dict[str, Any] = field(default_factory=dict)
     output: bytes = b""
+    #: milliseconds PID 1 spent in each step of its sequence (its own clock; informational)
+    child_steps: dict[str, float] = field(default_factory=dict)
     #: milliseconds from fork to each setup marker and to the guest's first broker call
     timings: dict[str, float] = field(default_factory=dict)
     exit_status: int = EXIT_PLUGIN_FAILED
@@ -211,6 +213,10 @@ def run_plan(
             plan, result, broker, pc, witness, keeper, ctl_parent, brk_parent, on_observed
         )
         sup.commands = commands or RunOnce()
+        sup.t0 = started
+        # Join the cgroup now, while the keeper unshares: a first attach to a new v1
+        # cgroup costs milliseconds. The keeper still waits for MAPPED, which needs both.
+        sup.attach_keeper()
         sup.run()
         keeper = -1
     finally:
@@ -436,6 +442,17 @@ class _Supervisor:
         with contextlib.suppress(OSError):
             self.brk.send(reply.frame)
 
+    def attach_keeper(self) -> None:
+        """Parent: move the keeper into the plugin's cgroup (before it is released)."""
+        try:
+            self.pc.add_pid(self.keeper)
+        except SetupError as e:
+            self.step_failed = {"step": e.step, "errno": e.errno, "message": e.message}
+            self.kill("setup failed")
+        except OSError as e:
+            self.step_failed = {"step": "cgroup-attach", "errno": e.errno or 0, "message": str(e)}
+            self.kill("setup failed")
+
     def _send_marker(self, marker: str) -> None:
         """A marker to the children; a child already gone (killed, say) is no error here:
         its end of the story arrives as EOF and a wait status."""
@@ -452,9 +469,10 @@ class _Supervisor:
         m = msg.get("m")
         if m == markers.UNSHARED:
             self._mark("unshared_ms")
+            if self.step_failed is not None:
+                return True  # attaching failed; the keeper is being killed
             try:
                 ns.parent_write_id_maps(self.keeper, self.plan.host_uid, self.plan.host_gid)
-                self.pc.add_pid(self.keeper)
                 if self.plan.network == "veth":
                     self._setup_network()
             except OSError as e:
@@ -477,6 +495,13 @@ class _Supervisor:
                 "message": str(msg.get("message", ""))[:300],
             }
         elif m == markers.FILTERED and self.pid1 > 0:
+            steps = msg.get("steps")
+            if isinstance(steps, dict):  # the child's own account of its step costs (ms)
+                self.result.child_steps = {
+                    str(k)[:32]: float(v)
+                    for k, v in list(steps.items())[:32]
+                    if isinstance(v, int | float)
+                }
             self.result.isolation = observe.observe(self.pid1)
             if self.on_observed is not None:
                 self.on_observed(self.result.isolation)

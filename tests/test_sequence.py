@@ -180,7 +180,11 @@ def test_sandbox_sequence_exact_order(monkeypatch: pytest.MonkeyPatch, channels:
     assert soft > plan.as_headroom + plan.memory_bytes
 
     # FILTERED went out only after the filter; the payload has not run yet.
-    assert markers.recv(channels.ctl_peer) == {"m": markers.FILTERED}
+    filtered = markers.recv(channels.ctl_peer)
+    assert filtered is not None
+    assert filtered["m"] == markers.FILTERED
+    # it carries PID 1's own timing of each step, for the launch report and the benchmark
+    assert {"mounts", "capabilities", "seccomp"} <= set(filtered["steps"])
     assert closed == [fds.CONTROL_FD]
     assert payload() == 0
 
