@@ -46,7 +46,7 @@ GUEST_TESTS := integration/guest tests/test_launch.py tests/test_death.py tests/
 	tests/test_limits.py
 
 integration: setup
-	$(PY) integration/run.py -- -p no:cacheprovider -q -rfEs --basetemp=/var/tmp/forgeone-pytest $(GUEST_TESTS)
+	$(PY) integration/run.py -- -p no:cacheprovider -rfEs --basetemp=/var/tmp/forgeone-pytest $(GUEST_TESTS)
 
 bench: setup native
 	$(PY) bench/launch.py
