@@ -307,10 +307,8 @@ def _drop_from_page_cache(path: Path) -> None:
 
 
 def test_io_bps_paces_reads_from_disk(env: Env, figure: Callable[[str], None]) -> None:
-    # Reads, not writes: on v1 blkio, buffered writes reach the disk later through the
-    # kernel's writeback threads, which are not in the plugin's cgroup, so v1 cannot
-    # throttle them. Reads are submitted by the reading task itself (the plugin), so they
-    # are throttled once the file's pages are no longer in the page cache.
+    # Reads are submitted by the reading task itself (the plugin), so they are throttled
+    # once the file's pages are no longer in the page cache.
     if cgroup.backing_device(str(env.root)) is None:
         # io_bps applies to the block device under the state directory; tmpfs has none.
         message = f"{env.root} is on no block device: io_bps cannot be applied there"
@@ -341,6 +339,40 @@ def test_io_bps_paces_reads_from_disk(env: Env, figure: Callable[[str], None]) -
     expected = IO_FILE_BYTES / IO_BPS
     figure(
         f"io: 4 MiB read at 1 MiB/s took {took[IO_BPS]:.2f} s (expected {expected:.1f} s),"
+        f" unthrottled {took[IO_UNTHROTTLED_BPS]:.3f} s"
+    )
+    assert expected * 0.8 <= took[IO_BPS] <= expected * 1.2, took
+    assert took[IO_UNTHROTTLED_BPS] < took[IO_BPS] / 4, took
+
+
+def test_io_bps_paces_writes_through_a_passed_fd(env: Env, figure: Callable[[str], None]) -> None:
+    # Write handles are O_DSYNC (fsaccess): each fd_write is on disk when it returns,
+    # submitted by the plugin itself, so io_bps paces writes on v1 and v2 alike.
+    if cgroup.backing_device(str(env.root)) is None:
+        message = f"{env.root} is on no block device: io_bps cannot be applied there"
+        if os.environ.get("FORGEONE_MUST_ISOLATE") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    out = env.root / "out"
+    out.mkdir()
+    g = Guest()
+    g.fs_open("create", str(out / "blob"), 2, slot=0)
+    timed_loop(g, "wr", "fd_write", slot=0, limit=IO_FILE_BYTES)
+    wat = g.wat()
+    pol = env.policy("writer", fs_write=[str(out)])
+    took: dict[int, float] = {}
+    for bps in (IO_BPS, IO_UNTHROTTLED_BPS):
+        pkg = env.pack("writer", wat, {"fs.write": [str(out)]}, {"io_bps": bps})
+        report = env.launch(pkg, pol)
+        assert (report["status"], report["reason"]) == ("ok", ""), report
+        res = results(report["logs"])
+        assert res["create"] >= 0, res
+        assert res["wr_bytes"] == IO_FILE_BYTES, res
+        took[bps] = res["wr_ms"] / 1000
+        assert (out / "blob").stat().st_size == IO_FILE_BYTES
+    expected = IO_FILE_BYTES / IO_BPS
+    figure(
+        f"io: 4 MiB written at 1 MiB/s took {took[IO_BPS]:.2f} s (expected {expected:.1f} s),"
         f" unthrottled {took[IO_UNTHROTTLED_BPS]:.3f} s"
     )
     assert expected * 0.8 <= took[IO_BPS] <= expected * 1.2, took
