@@ -122,7 +122,10 @@ class Broker:
         self.effective = effective
         self.stats = BrokerStats()
         self.done: p.Done | None = None
+        #: what the guest output during the current command (reset at each command)
         self.output = bytearray()
+        #: everything it output in this run, for a one-shot report (capped at MAX_OUTPUT)
+        self.all_output = bytearray()
         self.logs_dropped = 0
         self._on_log = on_log
         self._audit = audit
@@ -229,8 +232,7 @@ class Broker:
         if self.idle_seq is None:
             raise BrokerProtocolError("the child is not idle")
         seq, self.idle_seq = self.idle_seq, None
-        if command is p.Command.CALL:
-            self.output.clear()  # what the guest outputs from here on answers this call
+        self.output.clear()  # what the guest outputs from here on answers this command
         return Reply(p.encode_reply(p.Op.IDLE, seq, int(command), data[: p.MAX_DATA]))
 
     # ------------------------------------------------------------------ ops
@@ -349,6 +351,7 @@ class Broker:
         if len(self.output) + len(body.data) > MAX_OUTPUT:
             return abi.E2BIG, b"", None, args, f"output beyond {MAX_OUTPUT} bytes"
         self.output += body.data
+        self.all_output += body.data[: max(0, MAX_OUTPUT - len(self.all_output))]
         return len(body.data), b"", None, args, "allowed"
 
     # ------------------------------------------------------------------ audit

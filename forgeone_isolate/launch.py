@@ -247,7 +247,7 @@ def run_plan(
         "rate_limited": broker.stats.rate_denied,
         "by_op": broker.stats.by_op,
     }
-    result.output = bytes(broker.output)
+    result.output = bytes(broker.all_output)
     result.metrics = {
         "wall_ms": round((time.monotonic() - started) * 1000, 2),
         "timings_ms": result.timings,
