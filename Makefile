@@ -43,7 +43,7 @@ test: lint typecheck unit
 # (The broker suite stays on the host: its flood tests measure throughput, which emulation
 # does not have; the broker is the same code on v1 and v2.)
 GUEST_TESTS := integration/guest tests/test_launch.py tests/test_death.py tests/test_cgroup.py \
-	tests/test_limits.py
+	tests/test_limits.py tests/test_lifecycle.py
 
 integration: setup
 	$(PY) integration/run.py -- -p no:cacheprovider -rfEs --basetemp=/var/tmp/forgeone-pytest $(GUEST_TESTS)
