@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
+import math
 import os
 import re
 import select
@@ -147,12 +149,14 @@ def run_plan(
     kv: KvStore | None = None,
     resolver: Resolver | None = None,
     commands: CommandSource | None = None,
+    sweep: bool = True,
 ) -> LaunchResult:
     """Execute ``plan``: fork, contain, serve, reap, clean. Never leaves anything behind.
 
     ``audit`` and ``kv`` are the broker's audit trail and the plugin's persistent store;
     ``resolver`` replaces the system's name resolution for ``net_connect`` (tests);
     ``commands`` feeds a running guest (the service); by default it is stopped after start.
+    ``sweep=False`` skips removing dead supervisors' cgroups (a service sweeps once at start).
 
     Raises: SetupError when the sandbox could not be built (the step and errno named).
     """
@@ -181,7 +185,8 @@ def run_plan(
         resolver=resolver or system_resolver,
     )
     witness = observe.SeccompWitness()
-    sweep_stale_cgroups(cgroups)
+    if sweep:
+        sweep_stale_cgroups(cgroups)
     # The supervisor's pid in the name lets a later launch remove what a killed one left.
     pc = cgroups.create(f"{plan.plugin[:30]}-{plan.instance_id}-s{os.getpid()}", limits)
     result.cgroup = {
@@ -345,6 +350,7 @@ class _Supervisor:
         self.t0 = time.monotonic()
         self.deadline = self.t0 + SETUP_DEADLINE_S
         self.observed = False
+        self.early_filtered: dict[str, Any] | None = None
         self.commands: CommandSource = RunOnce()
         self.last_command: p.Command | None = None  # None: the guest has just started
         self.paused = False
@@ -372,7 +378,13 @@ class _Supervisor:
                 timeout = self.deadline - time.monotonic()
                 if timeout <= 0 and self.kill_reason is None:
                     self.kill("timeout" if self.observed else "setup timeout")
-                events = sel.select(timeout=max(timeout, 0.05) if self.kill_reason is None else 0.2)
+                if self.kill_reason is not None:
+                    wait: float | None = 0.2
+                elif math.isinf(timeout):
+                    wait = None  # the guest idles: no deadline until the next command
+                else:
+                    wait = max(timeout, 0.05)
+                events = sel.select(timeout=wait)
                 for key, _ in events:
                     if key.data == "ctl" and not self._on_control():
                         sel.unregister(self.ctl)
@@ -390,7 +402,7 @@ class _Supervisor:
         """Parent: the plugin's shaped veth, and net_connect sockets made in its namespace."""
         from forgeone_isolate import netns  # pyroute2 loads only for plugins with a network
 
-        pool = netns.AddressPool(netns.DEFAULT_NETWORK)
+        pool = netns.AddressPool(ipaddress.IPv4Network(self.plan.address_pool))
         host_addr, child_addr, prefix = pool.lease(self.plan.address_index % pool.capacity)
         # Hold the namespace: when the plugin's processes end, the kernel would otherwise
         # tear it down with the veth before its counters are read for the report.
@@ -466,6 +478,9 @@ class _Supervisor:
         msg = markers.recv(self.ctl)
         if msg is None:
             return False
+        return self._on_marker(msg)
+
+    def _on_marker(self, msg: dict[str, Any]) -> bool:
         m = msg.get("m")
         if m == markers.UNSHARED:
             self._mark("unshared_ms")
@@ -485,16 +500,22 @@ class _Supervisor:
                 return True
             self._send_marker(markers.MAPPED)
             self._mark("mapped_ms")
-        elif m == markers.PID1 and isinstance(msg.get("pid"), int):
+        elif m == markers.PID1 and isinstance(msg.get("pid"), int) and self.pid1 <= 0:
             self.pid1 = int(msg["pid"])
             self._mark("pid1_ms")
+            if self.early_filtered is not None:
+                held, self.early_filtered = self.early_filtered, None
+                return self._on_marker(held)
         elif m == markers.STEP_FAILED:
             self.step_failed = {
                 "step": str(msg.get("step", "?"))[:64],
                 "errno": int(msg.get("errno", 0)) if isinstance(msg.get("errno"), int) else 0,
                 "message": str(msg.get("message", ""))[:300],
             }
-        elif m == markers.FILTERED and self.pid1 > 0:
+        elif m == markers.FILTERED and self.pid1 <= 0:
+            # PID 1 may speak before the keeper has told us its pid: hold it until then
+            self.early_filtered = msg
+        elif m == markers.FILTERED:
             steps = msg.get("steps")
             if isinstance(steps, dict):  # the child's own account of its step costs (ms)
                 self.result.child_steps = {
@@ -630,7 +651,7 @@ def _log_printer(out: TextIO, plugin: str) -> Callable[[int, str], None]:
     return emit
 
 
-def _io_device(state_dir: Path) -> tuple[int, int] | None:
+def io_device(state_dir: Path) -> tuple[int, int] | None:
     """The block device io_bps is enforced on: the one backing the state directory."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
@@ -679,7 +700,7 @@ def cli_launch(args: argparse.Namespace, out: TextIO) -> int:
                 eff,
                 limits,
                 lease.index,
-                io_device=_io_device(state_dir),
+                io_device=io_device(state_dir),
             )
             result = run_plan(
                 plan,

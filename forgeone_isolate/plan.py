@@ -55,6 +55,8 @@ RUNTIME_MEMORY: Final = 64 * 1024 * 1024
 #: headroom above the child's virtual size at the rlimit step, beyond the guest memory
 AS_HEADROOM: Final = 512 * 1024 * 1024
 NOFILE: Final = 16
+#: the default pool of plugin veth addresses (the service's config can choose another)
+DEFAULT_ADDRESS_POOL: Final = "10.213.0.0/16"
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class SandboxPlan:
     network: str  # "loopback" | "veth"
     net_bps: int
     address_index: int
+    address_pool: str  # IPv4 network the plugin's /30 is carved from
     memory_bytes: int  # the guest's linear memory (wasmtime StoreLimits)
     cgroup_memory_bytes: int  # the whole sandbox process: guest memory + the runtime
     cpu_percent: int
@@ -109,6 +112,7 @@ def build_plan(
     limits: Limits | None = None,
     address_index: int = 0,
     io_device: tuple[int, int] | None = None,
+    address_pool: str = DEFAULT_ADDRESS_POOL,
 ) -> SandboxPlan:
     """Compile a verified manifest and the plugin's effective permissions into a plan.
 
@@ -131,6 +135,7 @@ def build_plan(
         network="veth" if effective.net_connect else "loopback",
         net_bps=limits.net_bps,
         address_index=address_index,
+        address_pool=address_pool,
         memory_bytes=limits.memory_mb * 1024 * 1024,
         cgroup_memory_bytes=limits.memory_mb * 1024 * 1024 + RUNTIME_MEMORY,
         cpu_percent=limits.cpu_percent,

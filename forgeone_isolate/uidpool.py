@@ -58,13 +58,21 @@ class UidLease:
         self.release()
 
 
-def lease_uid(directory: Path, first: int = DEFAULT_FIRST, count: int = DEFAULT_COUNT) -> UidLease:
-    """Take the lowest free uid in [first, first+count). Raises: SetupError."""
+def lease_uid(
+    directory: Path,
+    first: int = DEFAULT_FIRST,
+    count: int = DEFAULT_COUNT,
+    hint: int | None = None,
+) -> UidLease:
+    """Take a free uid in [first, first+count): the first free one from ``hint`` (a uid
+    in the range; default ``first``), wrapping around. Raises: SetupError."""
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as e:
         raise SetupError("uid-lease", e.errno or 0, f"cannot create {directory}") from None
-    for uid in range(first, first + count):
+    start = hint - first if hint is not None and first <= hint < first + count else 0
+    for offset in range(count):
+        uid = first + (start + offset) % count
         path = directory / f"{uid}.lock"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
