@@ -187,10 +187,15 @@ def main() -> int:
 
         # One at a time: the latency of a launch through the fork server.
         single: list[float] = []
+        errors: list[str] = []
         with control.Client(sock) as c:
             for name in names[: args.single]:
                 t = time.perf_counter()
-                c.request("start", name=name)
+                try:
+                    c.request("start", name=name)
+                except control.ServiceError as e:
+                    errors.append(f"{name}: {e}")
+                    continue
                 single.append((time.perf_counter() - t) * 1000)
             for name in names[: args.single]:
                 c.request("stop", name=name)
@@ -199,7 +204,6 @@ def main() -> int:
         # All of them, concurrently.
         queue = list(names)
         lock = threading.Lock()
-        errors: list[str] = []
 
         def starter() -> None:
             with control.Client(sock) as c:
