@@ -46,14 +46,13 @@ import ipaddress
 import os
 import re
 import stat
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from forgeone_isolate.errors import PolicyError
-from forgeone_isolate.policy import KeyPath, index_key_lines, render_key_path
+from forgeone_isolate.policy import KeyPath, index_key_lines, parse_toml, render_key_path
 from forgeone_isolate.uidpool import DEFAULT_COUNT, DEFAULT_FIRST
 
 MAX_CONFIG_BYTES: Final = 1024 * 1024
@@ -63,10 +62,6 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 RESTART_POLICIES: Final = ("no", "on-failure")
 DEFAULT_ADDRESS_POOL: Final = ipaddress.IPv4Network("10.213.0.0/16")
 MAX_UID: Final = 2**32 - 2  # (uid_t)-1 is "no uid"
-
-_SYNTAX_RE: Final = re.compile(
-    r"^(?P<msg>.*) \(at (?:line (?P<line>\d+), column (?P<col>\d+)|end of document)\)\Z", re.S
-)
 
 
 class ConfigError(PolicyError):
@@ -211,21 +206,7 @@ class _Loader:
         raise ConfigError(f"config {self.path}:{line}: {render_key_path(key)}: {problem}")
 
     def load(self) -> ServiceConfig:
-        try:
-            source = self.data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = self.data.count(b"\n", 0, e.start) + 1
-            raise ConfigError(f"config {self.path}:{line}: not UTF-8 (byte {e.start})") from None
-        try:
-            doc = tomllib.loads(source)
-        except tomllib.TOMLDecodeError as e:
-            m = _SYNTAX_RE.match(str(e))
-            if m is None or not m.group("line"):
-                line = max(1, len(source.splitlines()))
-                msg = m.group("msg") if m else str(e)
-            else:
-                line, msg = int(m.group("line")), m.group("msg")
-            raise ConfigError(f"config {self.path}:{line}: TOML syntax: {msg}") from None
+        doc, source = parse_toml(self.data, f"config {self.path}", ConfigError)
         self.index = index_key_lines(source)
         self.unknown((), doc, _TOP)
         tables: dict[str, Mapping[str, Any]] = {}

@@ -46,7 +46,7 @@ from forgeone_isolate.audit import AuditLog
 from forgeone_isolate.broker import Broker, Identity, Resolver, system_resolver
 from forgeone_isolate.errors import EXIT_OK, EXIT_PLUGIN_FAILED, SetupError
 from forgeone_isolate.kvstore import KvStore
-from forgeone_isolate.metrics import MetricsStore, launch_figures
+from forgeone_isolate.metrics import record_launch
 from forgeone_isolate.plan import SandboxPlan, build_plan
 from forgeone_isolate.uidpool import default_lease_dir, lease_uid
 
@@ -727,18 +727,16 @@ def cli_launch(args: argparse.Namespace, out: TextIO) -> int:
         "metrics": result.metrics,
         "output": result.output.decode("utf-8", "replace"),
     }
-    store = MetricsStore(state_dir / "metrics.sqlite3")
-    try:
-        store.add(
-            plan.signer,
-            plan.plugin,
-            launch_figures(
-                result.status, result.reason, result.broker, result.metrics, result.network
-            ),
-            peak_memory=result.metrics.get("memory_peak"),
-        )
-    finally:
-        store.close()
+    record_launch(
+        state_dir,
+        plan.signer,
+        plan.plugin,
+        result.status,
+        result.reason,
+        result.broker,
+        result.metrics,
+        result.network,
+    )
     if args.json:
         report["logs"] = [{"level": abi.LOG_LEVELS[lv], "text": t} for lv, t in result.logs]
         json.dump(report, out, sort_keys=True)

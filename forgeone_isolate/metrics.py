@@ -165,3 +165,27 @@ def exposition(rows: Iterable[Mapping[str, Any]], live: Iterable[Mapping[str, An
                     f'{metric}{{plugin="{_label(str(item["plugin"]))}"}} {_number(float(item.get(gauge, 0)))}'
                 )
     return "\n".join(lines) + "\n"
+
+
+def record_launch(
+    state_dir: Path,
+    signer: str,
+    plugin: str,
+    status: str,
+    reason: str,
+    broker: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    network: Mapping[str, Any],
+) -> None:
+    """Add one launch's figures to ``state_dir/metrics.sqlite3``."""
+    store = MetricsStore(state_dir / "metrics.sqlite3")
+    try:
+        peak = metrics.get("memory_peak")
+        store.add(
+            signer,
+            plugin,
+            launch_figures(status, reason, broker, metrics, network),
+            peak_memory=int(peak) if isinstance(peak, int) else None,
+        )
+    finally:
+        store.close()

@@ -48,7 +48,7 @@ from forgeone_isolate.audit import AuditLog
 from forgeone_isolate.errors import BadInputError, IsolateError, VerificationError
 from forgeone_isolate.forkserver import EXIT_INTERNAL
 from forgeone_isolate.kvstore import KvStore
-from forgeone_isolate.metrics import MetricsStore, launch_figures
+from forgeone_isolate.metrics import record_launch
 from forgeone_isolate.plan import DEFAULT_ADDRESS_POOL
 from forgeone_isolate.uidpool import UidLease, lease_uid
 
@@ -306,18 +306,16 @@ def run_host(spec: dict[str, Any], channel: HostChannel) -> int:
         if kv is not None:
             kv.close()
     with contextlib.suppress(Exception):
-        store = MetricsStore(state_dir / "metrics.sqlite3")
-        try:
-            store.add(
-                plan.signer,
-                plan.plugin,
-                launch_figures(
-                    result.status, result.reason, result.broker, result.metrics, result.network
-                ),
-                peak_memory=result.metrics.get("memory_peak"),
-            )
-        finally:
-            store.close()
+        record_launch(
+            state_dir,
+            plan.signer,
+            plan.plugin,
+            result.status,
+            result.reason,
+            result.broker,
+            result.metrics,
+            result.network,
+        )
     channel.send(
         {
             "ev": "exit",

@@ -239,6 +239,32 @@ _SYNTAX_RE: Final = re.compile(
 )
 
 
+def parse_toml(
+    data: bytes, prefix: str, error: type[PolicyError] = PolicyError
+) -> tuple[dict[str, Any], str]:
+    """Decode and parse an operator's TOML file: (document, source text).
+
+    ``prefix`` starts every error line (``policy /etc/forgeone/policy.toml``); errors name the
+    line: ``<prefix>:<line>: TOML syntax: <what> (column N)``. Raises: ``error``.
+    """
+    try:
+        source = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise error(f"{prefix}:{line}: not UTF-8 (byte {e.start})") from None
+    try:
+        return tomllib.loads(source), source
+    except tomllib.TOMLDecodeError as e:
+        m = _SYNTAX_RE.match(str(e))
+        if m is None:  # pragma: no cover - every tomllib error carries a position
+            raise error(f"{prefix}:1: TOML syntax: {e}") from None
+        if m.group("line"):
+            line, where = int(m.group("line")), f" (column {m.group('col')})"
+        else:
+            line, where = max(1, len(source.splitlines())), " (at end of file)"
+        raise error(f"{prefix}:{line}: TOML syntax: {m.group('msg')}{where}") from None
+
+
 def _split_key(dotted: str) -> tuple[str, ...]:
     parts: list[str] = []
     for m in _SIMPLE_RE.finditer(dotted):
@@ -393,24 +419,7 @@ class _Loader:
         raise PolicyError(f"policy {self.path}:{line}: {render_key_path(path)}: {problem}")
 
     def load(self) -> Policy:
-        try:
-            source = self.data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = self.data.count(b"\n", 0, e.start) + 1
-            raise PolicyError(f"policy {self.path}:{line}: not UTF-8 (byte {e.start})") from None
-        try:
-            doc = tomllib.loads(source)
-        except tomllib.TOMLDecodeError as e:
-            m = _SYNTAX_RE.match(str(e))
-            if m is None:  # pragma: no cover - every tomllib error carries a position
-                raise PolicyError(f"policy {self.path}:1: syntax: {e}") from None
-            if m.group("line"):
-                line, where = int(m.group("line")), f" (column {m.group('col')})"
-            else:
-                line, where = max(1, len(source.splitlines())), " (at end of file)"
-            raise PolicyError(
-                f"policy {self.path}:{line}: TOML syntax: {m.group('msg')}{where}"
-            ) from None
+        doc, source = parse_toml(self.data, f"policy {self.path}")
         self.index, self.ends = _index_source(source)
         self.lines = source.splitlines()
         self.unknown_keys((), doc, ("defaults", "grant"))
