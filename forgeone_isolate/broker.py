@@ -165,7 +165,7 @@ class Broker:
             self._deny_raw("malformed", f"{e} ({len(frame)} bytes)", started)
             return None  # nothing in the frame can be trusted, not even its sequence number
         body = req.body
-        self._count(req.op.name.lower())
+        self._count(p.OP_NAMES[req.op])
         if isinstance(body, p.Done):
             if self.done is None:
                 self.done = body
@@ -367,7 +367,7 @@ class Broker:
     def _record(
         self, op: p.Op, args: dict[str, Any], allowed: bool, reason: str, started: int
     ) -> None:
-        self._write_audit(op.name.lower(), args, allowed, reason, started)
+        self._write_audit(p.OP_NAMES[op], args, allowed, reason, started)
 
     def _write_audit(
         self, op: str, args: dict[str, Any], allowed: bool, reason: str, started: int

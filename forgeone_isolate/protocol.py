@@ -79,6 +79,11 @@ class Command(enum.IntEnum):
     RESUME = 3
 
 
+#: op number -> Op, and Op -> its lower-case name (hot path: no enum construction per frame)
+_OPS: Final[dict[int, Op]] = {int(op): op for op in Op}
+OP_NAMES: Final[dict[Op, str]] = {op: op.name.lower() for op in Op}
+
+
 class DoneKind(enum.IntEnum):
     """How the child's lifecycle ended (in a DONE frame)."""
 
@@ -191,10 +196,9 @@ def decode_request(frame: bytes) -> Frame:
     version, op_raw, seq = HEADER.unpack_from(frame)
     if version != VERSION:
         raise _bad(f"unsupported version {version}")
-    try:
-        op = Op(op_raw)
-    except ValueError:
-        raise UnknownOpError(seq, op_raw) from None
+    op = _OPS.get(op_raw)
+    if op is None:
+        raise UnknownOpError(seq, op_raw)
     body = frame[HEADER.size :]
     return Frame(seq, op, _decode_body(op, body))
 
@@ -212,7 +216,7 @@ def _key(raw: bytes, what: str) -> bytes:
 
 
 def _decode_body(op: Op, body: bytes) -> Request:
-    name = op.name.lower()
+    name = OP_NAMES[op]
     if op is Op.LOG:
         (level,), msg = _fixed(_I32, body, name)
         if not 0 <= level <= 4:
