@@ -200,8 +200,7 @@ def run_plan(
     devnull = os.open("/dev/null", os.O_RDWR)
     keeper = -1
     sup: _Supervisor | None = None
-    affinity = _share_one_cpu(plan)
-    result.cpu = affinity[1]
+    own_affinity = os.sched_getaffinity(0)
     try:
         keeper = os.fork()
         if keeper == 0:  # first child: never returns
@@ -249,7 +248,7 @@ def run_plan(
         if devnull >= 0:
             os.close(devnull)
         with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, affinity[0])
+            os.sched_setaffinity(0, own_affinity)  # _share_one_cpu pinned us for the run
     result.broker = {
         "allowed": broker.stats.allowed,
         "denied": broker.stats.denied,
@@ -300,21 +299,22 @@ def _peer_gone(sock: socket.socket) -> bool:
     return any(ev & (select.POLLHUP | select.POLLRDHUP) for _, ev in poller.poll(0))
 
 
-def _share_one_cpu(plan: SandboxPlan) -> tuple[set[int], int]:
-    """Put this supervisor (and so the children it forks) on one CPU for this launch.
+def _share_one_cpu(plan: SandboxPlan, pid1: int) -> int:
+    """Put PID 1 and this supervisor on one CPU once the plugin runs; return the CPU.
 
     Every import is a synchronous round trip between PID 1 and the broker. On one CPU a call
     is a context switch; across CPUs it is a wake-up of an idle core, which on these VMs
     costs about four times as much (clock_now: 35 µs vs 120-140 µs). The guest is single
     threaded, so it loses nothing; plugins are spread over the CPUs by their lease index.
-    Returns (the affinity to restore, the CPU chosen).
+    Setup runs unpinned (parent and children overlap there); the caller restores its own
+    affinity after the run.
     """
-    allowed = os.sched_getaffinity(0)
-    cpus = sorted(allowed)
+    cpus = sorted(os.sched_getaffinity(0))
     cpu = cpus[plan.address_index % len(cpus)]
     with contextlib.suppress(OSError):
+        os.sched_setaffinity(pid1, {cpu})
         os.sched_setaffinity(0, {cpu})
-    return allowed, cpu
+    return cpu
 
 
 def _close_passed_fds(ancdata: list[tuple[int, int, bytes]]) -> int:
@@ -538,6 +538,7 @@ class _Supervisor:
             # PID 1 may speak before the keeper has told us its pid: hold it until then
             self.early_filtered = msg
         elif m == markers.FILTERED:
+            self.result.cpu = _share_one_cpu(self.plan, self.pid1)
             steps = msg.get("steps")
             if isinstance(steps, dict):  # the child's own account of its step costs (ms)
                 self.result.child_steps = {
