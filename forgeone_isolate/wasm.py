@@ -30,6 +30,9 @@ def make_config() -> wasmtime.Config:
     config.parallel_compilation = False
     config.memory_reservation = MEMORY_RESERVATION
     config.memory_guard_size = MEMORY_GUARD
+    # Room reserved for growth when a memory outgrows its reservation and moves; wasmtime's
+    # default (2 GiB) would not fit under the child's RLIMIT_AS.
+    config.memory_reservation_for_growth = MEMORY_RESERVATION
     # Copy-on-write memory images need memfd_create and fcntl after the seccomp filter.
     config.memory_init_cow = False
     config.cranelift_opt_level = "speed"

@@ -245,6 +245,8 @@ def test_every_layer_from_outside_while_the_plugin_runs(
         ("memgrow", "killed", lambda r: r.startswith("memory")),
         ("trap", "error", lambda r: "unreachable" in r),
         ("fail", "error", lambda r: "start returned 7" in r),
+        ("deeprec", "error", lambda r: "call stack exhausted" in r),
+        ("oob", "error", lambda r: "out of bounds memory access" in r),
     ],
 )
 def test_hostile_plugin_is_stopped_and_reported(
@@ -345,3 +347,16 @@ def test_concurrent_launches_get_distinct_host_uids(
     assert {u.split()[0] for u in uids if u} == set(maps)
     for _, report, _ in reports:
         assert_nothing_left(report)
+
+
+def test_a_guest_may_grow_past_the_engine_reservation(
+    packer: Packer, signer: Signer, state_dir: Path
+) -> None:
+    """bigmem grows to ~120 MiB (memory_mb 256): past wasmtime's 64 MiB reservation the memory
+    moves; that must fit under RLIMIT_AS and the filter."""
+    done = run_launch(packer.plugin("bigmem"), signer, state_dir, "--json")
+    assert done.returncode == 0, done.stderr
+    report = done.report()
+    assert (report["status"], report["reason"]) == ("ok", ""), report
+    assert [entry["text"] for entry in report["logs"]] == ["grown"]
+    assert_nothing_left(report)
