@@ -45,14 +45,19 @@ import grp
 import ipaddress
 import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from forgeone_isolate.errors import PolicyError
-from forgeone_isolate.policy import KeyPath, index_key_lines, parse_toml, render_key_path
+from forgeone_isolate.policy import (
+    KeyPath,
+    index_key_lines,
+    parse_toml,
+    read_operator_file,
+    render_key_path,
+)
 from forgeone_isolate.uidpool import DEFAULT_COUNT, DEFAULT_FIRST
 
 MAX_CONFIG_BYTES: Final = 1024 * 1024
@@ -139,33 +144,14 @@ def _fmt_listen(listen: tuple[str, int]) -> str:
 
 def load_config(path: Path) -> ServiceConfig:
     """Read and validate the configuration at ``path``. Raises: ConfigError (one line)."""
-    return parse_config(_read_bounded(path), path)
+    return parse_config(
+        read_operator_file(path, f"config {path}", MAX_CONFIG_BYTES, ConfigError), path
+    )
 
 
 def parse_config(data: bytes, path: Path) -> ServiceConfig:
     """Validate configuration bytes; ``path`` only names them. Raises: ConfigError."""
     return _Loader(path, data).load()
-
-
-def _read_bounded(path: Path) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
-    except OSError as e:
-        raise ConfigError(f"config {path}: cannot open: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"config {path}: not a regular file")
-        if st.st_mode & stat.S_IWOTH:
-            raise ConfigError(f"config {path}: writable by every user (chmod o-w)")
-        data = os.read(fd, MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"config {path}: cannot read: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config {path}: larger than {MAX_CONFIG_BYTES} bytes")
-    return data
 
 
 _TOP: Final = (

@@ -129,41 +129,44 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
+LIVE_GAUGES: Final[dict[str, str]] = {
+    "memory_current_bytes": "Memory the running plugin's cgroup holds now.",
+    "pids_current": "Processes in the running plugin's cgroup.",
+    "running": "1 while the plugin runs.",
+}
+
+
+def _family(
+    lines: list[str], metric: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]
+) -> None:
+    lines.append(f"# HELP {metric} {help_text}")
+    lines.append(f"# TYPE {metric} {kind}")
+    lines.extend(f"{metric}{{{labels}}} {_number(value)}" for labels, value in samples)
+
+
 def exposition(rows: Iterable[Mapping[str, Any]], live: Iterable[Mapping[str, Any]] = ()) -> str:
     """Prometheus text exposition format (version 0.0.4)."""
     rows = list(rows)
-    lines: list[str] = []
-    for name, help_text in COUNTERS.items():
-        metric = f"forgeone_plugin_{name}_total"
-        lines.append(f"# HELP {metric} {help_text}")
-        lines.append(f"# TYPE {metric} counter")
-        for r in rows:
-            lines.append(
-                f'{metric}{{plugin="{_label(r["plugin"])}",signer="{_label(r["signer"])}"}} {_number(r[name])}'
-            )
-    for name, help_text in GAUGES.items():
-        metric = f"forgeone_plugin_{name}"
-        lines.append(f"# HELP {metric} {help_text}")
-        lines.append(f"# TYPE {metric} gauge")
-        for r in rows:
-            lines.append(
-                f'{metric}{{plugin="{_label(r["plugin"])}",signer="{_label(r["signer"])}"}} {_number(r[name])}'
-            )
     live = list(live)
+    lines: list[str] = []
+
+    def per_plugin(name: str) -> list[tuple[str, float]]:
+        return [
+            (f'plugin="{_label(r["plugin"])}",signer="{_label(r["signer"])}"', float(r[name]))
+            for r in rows
+        ]
+
+    for name, help_text in COUNTERS.items():
+        _family(lines, f"forgeone_plugin_{name}_total", "counter", help_text, per_plugin(name))
+    for name, help_text in GAUGES.items():
+        _family(lines, f"forgeone_plugin_{name}", "gauge", help_text, per_plugin(name))
     if live:
-        live_help = {
-            "memory_current_bytes": "Memory the running plugin's cgroup holds now.",
-            "pids_current": "Processes in the running plugin's cgroup.",
-            "running": "1 while the plugin runs.",
-        }
-        for gauge, help_text in live_help.items():
-            metric = f"forgeone_plugin_{gauge}"
-            lines.append(f"# HELP {metric} {help_text}")
-            lines.append(f"# TYPE {metric} gauge")
-            for item in live:
-                lines.append(
-                    f'{metric}{{plugin="{_label(str(item["plugin"]))}"}} {_number(float(item.get(gauge, 0)))}'
-                )
+        for gauge, help_text in LIVE_GAUGES.items():
+            samples = [
+                (f'plugin="{_label(str(item["plugin"]))}"', float(item.get(gauge, 0)))
+                for item in live
+            ]
+            _family(lines, f"forgeone_plugin_{gauge}", "gauge", help_text, samples)
     return "\n".join(lines) + "\n"
 
 

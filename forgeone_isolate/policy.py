@@ -165,7 +165,7 @@ class Policy:
 
         Raises: PolicyError, one line naming the file, the line and the key.
         """
-        data = _read_bounded(path)
+        data = read_operator_file(path, f"policy {path}", MAX_POLICY_BYTES)
         return cls.parse(data, path)
 
     @classmethod
@@ -191,35 +191,39 @@ class Policy:
         return effective(requested, self.grant_for(signer, plugin), self.defaults)
 
 
-def _read_bounded(path: Path) -> bytes:
+def read_operator_file(
+    path: Path, prefix: str, limit: int, error: type[PolicyError] = PolicyError
+) -> bytes:
+    """Read an operator's file (policy, config): a regular file, not world-writable, at most
+    ``limit`` bytes. Errors start with ``prefix`` (``policy /etc/...``). Raises: ``error``."""
     # O_NONBLOCK: opening a FIFO must not hang the supervisor; the fstat refuses it next.
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as e:
-        raise PolicyError(f"policy {path}: cannot open: {e.strerror}") from None
+        raise error(f"{prefix}: cannot open: {e.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise PolicyError(f"policy {path}: not a regular file")
+            raise error(f"{prefix}: not a regular file")
         if st.st_mode & stat.S_IWOTH:
-            raise PolicyError(f"policy {path}: writable by every user (chmod o-w)")
-        if st.st_size > MAX_POLICY_BYTES:
-            raise PolicyError(f"policy {path}: larger than {MAX_POLICY_BYTES} bytes")
+            raise error(f"{prefix}: writable by every user (chmod o-w)")
+        if st.st_size > limit:
+            raise error(f"{prefix}: larger than {limit} bytes")
         chunks: list[bytes] = []
         total = 0
-        while total <= MAX_POLICY_BYTES:
-            chunk = os.read(fd, MAX_POLICY_BYTES + 1 - total)
+        while total <= limit:
+            chunk = os.read(fd, limit + 1 - total)
             if not chunk:
                 break
             chunks.append(chunk)
             total += len(chunk)
     except OSError as e:
-        raise PolicyError(f"policy {path}: cannot read: {e.strerror}") from None
+        raise error(f"{prefix}: cannot read: {e.strerror}") from None
     finally:
         os.close(fd)
     data = b"".join(chunks)
-    if len(data) > MAX_POLICY_BYTES:
-        raise PolicyError(f"policy {path}: larger than {MAX_POLICY_BYTES} bytes")
+    if len(data) > limit:
+        raise error(f"{prefix}: larger than {limit} bytes")
     return data
 
 
