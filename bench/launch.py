@@ -90,7 +90,15 @@ def main() -> int:
                 for name, ms in r.child_steps.items():
                     steps.setdefault(f"pid1:{name}", []).append(ms)
                 prev = 0.0
-                for name in ("unshared_ms", "mapped_ms", "pid1_ms", "observed_ms", "first_call_ms"):
+                for name in (
+                    "unshared_ms",
+                    "mapped_ms",
+                    "keeper_attached_ms",
+                    "pid1_ms",
+                    "placed_ms",
+                    "observed_ms",
+                    "first_call_ms",
+                ):
                     steps.setdefault(name, []).append(r.timings[name] - prev)
                     prev = r.timings[name]
                 if bwrap:
@@ -130,10 +138,12 @@ def main() -> int:
         print(f"{k:<40} {v['p50_ms']:9.2f} {v['p99_ms']:9.2f} {ratio:>8}")
     print(f"\n{'step (delta from the previous marker)':<40} {'p50 ms':>9} {'p99 ms':>9}")
     labels = {
-        "unshared_ms": "cgroup create, fork, attach, unshare",
-        "mapped_ms": "uid/gid maps + cgroup attach",
-        "pid1_ms": "setresuid + cgroupns + fork PID 1",
-        "observed_ms": "mounts..seccomp + wasmtime load + /proc read",
+        "unshared_ms": "cgroup create, fork, unshare",
+        "mapped_ms": "uid/gid maps",
+        "keeper_attached_ms": "keeper cgroup attach (children go on)",
+        "pid1_ms": "(PID 1 reported)",
+        "placed_ms": "PID 1 attached, PLACED sent",
+        "observed_ms": "cgroupns..seccomp + /proc read",
         "first_call_ms": "instantiate + first guest call",
     }
     for k, v in result["steps"].items():

@@ -83,7 +83,7 @@ def keeper_main(
     payload_factory: Callable[[], Callable[[], int]],
     kernel: Kernel | None = None,
 ) -> NoReturn:
-    """First child: unshare, be mapped and placed, fork PID 1, wait for it, report."""
+    """First child: unshare, be mapped, fork PID 1, wait for it, report."""
     k = kernel or RealKernel()
     ctl = chans.control
     try:
@@ -105,9 +105,6 @@ def keeper_main(
             k.set_pdeathsig(signal.SIGKILL)  # a credential change clears it
             if os.getppid() != parent_pid:
                 os._exit(markers.EXIT_PARENT_GONE)
-        if "cgroup" in plan.namespaces:
-            with step("unshare-cgroup"):
-                k.unshare(CLONE_NEWCGROUP)  # after the parent moved us: rooted at our cgroup
         with step("fork-pid1"):
             pid = os.fork()
         if pid == 0:
@@ -179,9 +176,18 @@ def sandbox_sequence(
         # Everything that allocates big happens before the doors close: the payload
         # (wasmtime engine, module, store, linker, broker socket) and the filter program.
         payload = payload_factory()
-        program = seccomp_filter.build_filter(
+        program = seccomp_filter.filter_for(
             plan.seccomp_allow, plan.seccomp_min_fd, plan_mod.NOFILE - 1
-        )
+        )  # built by the parent before the fork (see launch.run_plan): here, a lookup
+    # Wait to be placed in the plugin's cgroup: the parent attached it while all of the
+    # above ran (a first attach to a new cgroup can take milliseconds).
+    markers.send(control, markers.READY)
+    reply = markers.recv(control)
+    if reply is None or reply.get("m") != markers.PLACED:
+        os._exit(markers.EXIT_PROTOCOL)
+    if "cgroup" in plan.namespaces:
+        with step("unshare-cgroup"):
+            k.unshare(CLONE_NEWCGROUP)  # now placed: the namespace is rooted at our cgroup
     with step("rlimits"):
         limits = list(plan.rlimits)
         address_space = vm_size + plan.as_headroom + plan.memory_bytes

@@ -37,6 +37,7 @@ from forgeone_isolate import (
     observe,
     package,
     policy,
+    seccomp_filter,
     signing,
     wasm,
 )
@@ -47,7 +48,7 @@ from forgeone_isolate.broker import Broker, Identity, Resolver, system_resolver
 from forgeone_isolate.errors import EXIT_OK, EXIT_PLUGIN_FAILED, SetupError
 from forgeone_isolate.kvstore import KvStore
 from forgeone_isolate.metrics import record_launch
-from forgeone_isolate.plan import SandboxPlan, build_plan
+from forgeone_isolate.plan import NOFILE, SandboxPlan, build_plan
 from forgeone_isolate.uidpool import default_lease_dir, lease_uid
 
 DEFAULT_STATE_DIR = Path("/var/lib/forgeone")
@@ -201,6 +202,8 @@ def run_plan(
     keeper = -1
     sup: _Supervisor | None = None
     own_affinity = os.sched_getaffinity(0)
+    # Built once here, before the fork, so PID 1 only loads it.
+    seccomp_filter.filter_for(plan.seccomp_allow, plan.seccomp_min_fd, NOFILE - 1)
     try:
         keeper = os.fork()
         if keeper == 0:  # first child: never returns
@@ -221,9 +224,6 @@ def run_plan(
         )
         sup.commands = commands or RunOnce()
         sup.t0 = started
-        # Join the cgroup now, while the keeper unshares: a first attach to a new v1
-        # cgroup costs milliseconds. The keeper still waits for MAPPED, which needs both.
-        sup.attach_keeper()
         sup.run()
         keeper = -1
     finally:
@@ -372,7 +372,7 @@ class _Supervisor:
         self.t0 = time.monotonic()
         self.deadline = self.t0 + SETUP_DEADLINE_S
         self.observed = False
-        self.early_filtered: dict[str, Any] | None = None
+        self.early: list[dict[str, Any]] = []
         self.commands: CommandSource = RunOnce()
         self.last_command: p.Command | None = None  # None: the guest has just started
         self.paused = False
@@ -476,10 +476,12 @@ class _Supervisor:
         with contextlib.suppress(OSError):
             self.brk.send(reply.frame)
 
-    def attach_keeper(self) -> None:
-        """Parent: move the keeper into the plugin's cgroup (before it is released)."""
+    def attach(self, pid: int) -> None:
+        """Parent: move ``pid`` into the plugin's cgroup (before PID 1 is PLACED)."""
+        if self.step_failed is not None:
+            return
         try:
-            self.pc.add_pid(self.keeper)
+            self.pc.add_pid(pid)
         except SetupError as e:
             self.step_failed = {"step": e.step, "errno": e.errno, "message": e.message}
             self.kill("setup failed")
@@ -506,8 +508,6 @@ class _Supervisor:
         m = msg.get("m")
         if m == markers.UNSHARED:
             self._mark("unshared_ms")
-            if self.step_failed is not None:
-                return True  # attaching failed; the keeper is being killed
             try:
                 ns.parent_write_id_maps(self.keeper, self.plan.host_uid, self.plan.host_gid)
                 if self.plan.network == "veth":
@@ -522,21 +522,30 @@ class _Supervisor:
                 return True
             self._send_marker(markers.MAPPED)
             self._mark("mapped_ms")
+            # Join the cgroup now, while the children set up: a first attach to a new
+            # cgroup costs milliseconds. PID 1 waits for PLACED before it confines itself.
+            self.attach(self.keeper)
+            self._mark("keeper_attached_ms")
         elif m == markers.PID1 and isinstance(msg.get("pid"), int) and self.pid1 <= 0:
             self.pid1 = int(msg["pid"])
             self._mark("pid1_ms")
-            if self.early_filtered is not None:
-                held, self.early_filtered = self.early_filtered, None
-                return self._on_marker(held)
+            held, self.early = self.early, []
+            for early in held:
+                self._on_marker(early)
         elif m == markers.STEP_FAILED:
             self.step_failed = {
                 "step": str(msg.get("step", "?"))[:64],
                 "errno": int(msg.get("errno", 0)) if isinstance(msg.get("errno"), int) else 0,
                 "message": str(msg.get("message", ""))[:300],
             }
-        elif m == markers.FILTERED and self.pid1 <= 0:
+        elif m in (markers.READY, markers.FILTERED) and self.pid1 <= 0:
             # PID 1 may speak before the keeper has told us its pid: hold it until then
-            self.early_filtered = msg
+            self.early.append(msg)
+        elif m == markers.READY:
+            self.attach(self.pid1)  # the keeper may have forked it before its own attach
+            if self.step_failed is None:
+                self._send_marker(markers.PLACED)
+                self._mark("placed_ms")
         elif m == markers.FILTERED:
             self.result.cpu = _share_one_cpu(self.plan, self.pid1)
             steps = msg.get("steps")

@@ -3,11 +3,16 @@
 A SOCK_SEQPACKET socketpair carries small JSON messages, each ``{"m": MARKER, ...}``,
 strictly in this order::
 
-    keeper  -> parent  UNSHARED                 namespaces made; map me, place me
-    parent  -> keeper  MAPPED                   uid/gid maps written, cgroup joined
+    keeper  -> parent  UNSHARED                 namespaces made; map me
+    parent  -> keeper  MAPPED                   uid/gid maps written (the parent now moves
+                                                the keeper into its cgroup while the
+                                                children go on with their setup)
     keeper  -> parent  PID1 {pid}               host pid of PID 1 of the new namespace
+    plugin  -> parent  READY                    mounts, fds, wasmtime prepared: place me
+    parent  -> plugin  PLACED                   PID 1 is in its cgroup (then it unshares
+                                                its cgroup namespace, rooted there)
     plugin  -> parent  STEP_FAILED {step, errno, message}   (then exits EXIT_SETUP_FAILED)
-    plugin  -> parent  FILTERED                 every layer applied; plugin code not yet run
+    plugin  -> parent  FILTERED {steps}         every layer applied; plugin code not yet run
     parent  -> plugin  OBSERVED                 parent has read /proc/<pid>; go on
     keeper  -> parent  EXITED {status}          wait status of PID 1
 
@@ -25,6 +30,8 @@ from typing import Any, Final
 UNSHARED: Final = "UNSHARED"
 MAPPED: Final = "MAPPED"
 PID1: Final = "PID1"
+READY: Final = "READY"
+PLACED: Final = "PLACED"
 STEP_FAILED: Final = "STEP_FAILED"
 FILTERED: Final = "FILTERED"
 OBSERVED: Final = "OBSERVED"

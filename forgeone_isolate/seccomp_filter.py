@@ -11,6 +11,7 @@ last of all the sandbox steps: after it, even a bug in our own code cannot widen
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,6 +46,13 @@ def build_filter(allow: Iterable[str], min_fd: int, max_fd: int) -> Any:
         else:
             f.add_rule(pyseccomp.ALLOW, name)
     return f
+
+
+@functools.lru_cache(maxsize=8)
+def filter_for(allow: tuple[str, ...], min_fd: int, max_fd: int) -> Any:
+    """:func:`build_filter`, built once per allow-list and kept: the parent builds it before
+    the fork, and every child loads its own copy of the same (unconsumed) program."""
+    return build_filter(allow, min_fd, max_fd)
 
 
 def syscall_name(number: int) -> str:

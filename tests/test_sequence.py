@@ -2,7 +2,7 @@
 
 ``sandbox_sequence`` is run in this process with a :class:`RecordingKernel`: nothing is
 mounted, dropped or filtered, but every call is recorded in order. The setup channel is a
-real socketpair whose far end the test plays (OBSERVED queued up front, FILTERED read
+real socketpair whose far end the test plays (PLACED and OBSERVED queued up front, FILTERED read
 after). ``keeper_main`` forks, so it runs in a child process of the test, which plays the
 supervisor on the channel; PID 1's payload sends back its copy of the recording (which
 holds the keeper's calls before its fork, then its own) over the broker socket.
@@ -100,7 +100,7 @@ def run_sequence(
     plan: SandboxPlan,
     factory: Callable[[], Callable[[], int]] | None = None,
 ) -> tuple[Callable[[], int], list[int]]:
-    """Run sandbox_sequence with the OBSERVED reply queued; return the payload and the
+    """Run sandbox_sequence with the PLACED and OBSERVED replies queued; return the payload and the
     descriptors it closed. The control socket is detached by the sequence: close it here."""
     recorder = _OsCloseRecorder()
     monkeypatch.setattr(child, "os", recorder)
@@ -112,6 +112,7 @@ def run_sequence(
         k.calls.append(("payload_factory", ()))
         return payload
 
+    markers.send(ch.ctl_peer, markers.PLACED)
     markers.send(ch.ctl_peer, markers.OBSERVED)
     ctl_fd = ch.chans.control.fileno()
     try:
@@ -156,6 +157,8 @@ def test_sandbox_sequence_exact_order(monkeypatch: pytest.MonkeyPatch, channels:
         ("close_range", (fds.CONTROL_FD + 1,)),
         # the payload is prepared (with its channels in place) before any door closes
         ("payload_factory", ()),
+        # READY -> PLACED: now in its cgroup, PID 1 roots a cgroup namespace there
+        ("unshare", (CLONE_NEWCGROUP,)),
         # rlimits from the plan, then the address space last
         ("setrlimit", (resource.RLIMIT_CORE, 0, 0)),
         ("setrlimit", (resource.RLIMIT_NOFILE, 16, 16)),
@@ -179,7 +182,10 @@ def test_sandbox_sequence_exact_order(monkeypatch: pytest.MonkeyPatch, channels:
     assert soft == hard
     assert soft > plan.as_headroom + plan.memory_bytes
 
-    # FILTERED went out only after the filter; the payload has not run yet.
+    # READY went out before confinement, FILTERED only after the filter; the payload has
+    # not run yet.
+    ready = markers.recv(channels.ctl_peer)
+    assert ready == {"m": markers.READY}
     filtered = markers.recv(channels.ctl_peer)
     assert filtered is not None
     assert filtered["m"] == markers.FILTERED
@@ -234,12 +240,19 @@ def test_a_failing_call_names_its_step_and_stops(
     assert info.value.step == step
     assert info.value.errno == errno.EPERM
     assert os.strerror(errno.EPERM) in info.value.message
-    # Nothing after the failing call ran, and the plugin never said FILTERED.
+    # Nothing after the failing call ran, and the plugin never said FILTERED (only READY,
+    # for steps that come after the placement).
     assert k.names()[-1] == call
     assert k.names().count(call) == 1
     channels.ctl_peer.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        channels.ctl_peer.recv(markers.MAX_MESSAGE)
+    said = []
+    while True:
+        try:
+            said.append(json.loads(channels.ctl_peer.recv(markers.MAX_MESSAGE))["m"])
+        except BlockingIOError:
+            break
+    assert markers.FILTERED not in said
+    assert said in ([], [markers.READY])
 
 
 def test_pivot_root_eperm_is_a_mounts_failure(
@@ -282,9 +295,13 @@ def test_an_unknown_syscall_in_the_allow_list_is_the_prepare_step(
     assert "load_seccomp" not in k.names()
 
 
-def test_no_observed_reply_means_no_payload(channels: Channels) -> None:
-    """Without the parent's OBSERVED the plugin exits with EXIT_PROTOCOL, payload unrun."""
-    markers.send(channels.ctl_peer, markers.MAPPED)  # anything but OBSERVED
+@pytest.mark.parametrize("placed", [False, True])
+def test_no_placed_or_observed_reply_means_no_payload(channels: Channels, placed: bool) -> None:
+    """Without the parent's PLACED, or then its OBSERVED, the plugin exits with
+    EXIT_PROTOCOL and its payload never runs."""
+    if placed:
+        markers.send(channels.ctl_peer, markers.PLACED)
+    markers.send(channels.ctl_peer, markers.MAPPED)  # anything but the expected reply
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         try:
@@ -356,6 +373,8 @@ def _run_keeper(k: RecordingKernel) -> tuple[list[dict[str, Any]], list[list[Any
             got.append(msg)
             if msg["m"] == markers.UNSHARED:
                 markers.send(ctl_parent, markers.MAPPED)
+            elif msg["m"] == markers.READY:
+                markers.send(ctl_parent, markers.PLACED)
             elif msg["m"] == markers.FILTERED:
                 markers.send(ctl_parent, markers.OBSERVED)
             elif msg["m"] in (markers.EXITED, markers.STEP_FAILED):
@@ -380,8 +399,10 @@ def test_keeper_then_pid1_order() -> None:
     assert os.WEXITSTATUS(status) == 0
     kinds = [m["m"] for m in got]
     assert kinds[0] == markers.UNSHARED
-    assert set(kinds[1:3]) == {markers.PID1, markers.FILTERED}  # either may come first
-    assert kinds[3:] == [markers.EXITED]
+    # PID1 (from the keeper) may come anywhere before FILTERED; READY precedes FILTERED
+    assert sorted(kinds[1:4]) == sorted([markers.PID1, markers.READY, markers.FILTERED])
+    assert kinds.index(markers.READY) < kinds.index(markers.FILTERED)
+    assert kinds[4:] == [markers.EXITED]
     assert os.WIFEXITED(got[-1]["status"])
     assert os.WEXITSTATUS(got[-1]["status"]) == 0
     assert recording is not None
@@ -389,17 +410,17 @@ def test_keeper_then_pid1_order() -> None:
     unshare_all_but_cgroup = (
         CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
     )
-    assert [tuple(c) for c in recording[:7]] == [
+    assert [tuple(c) for c in recording[:6]] == [
         ("set_pdeathsig", ["SIGKILL"]),
         ("setgroups", [[]]),
         ("unshare", [unshare_all_but_cgroup]),
         ("setresgid", [0]),
         ("setresuid", [0]),
         ("set_pdeathsig", ["SIGKILL"]),  # the credential change cleared it
-        ("unshare", [CLONE_NEWCGROUP]),  # after the parent placed us: rooted there
     ]
-    # then PID 1's own sequence, seccomp last
-    assert names[7:9] == ["set_pdeathsig", "mount"]
+    # then PID 1's own sequence: its cgroup namespace once placed, seccomp last
+    assert names[6:8] == ["set_pdeathsig", "mount"]
+    assert ("unshare", [CLONE_NEWCGROUP]) in [tuple(c) for c in recording[6:]]
     assert names[-1] == "load_seccomp"
     assert names.index("set_no_new_privs") == len(names) - 2
 
