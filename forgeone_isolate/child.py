@@ -1,10 +1,11 @@
 """The two child processes, each one ordered function (see markers.py for the channel).
 
 ``keeper_main`` (first fork): leaves the host's namespaces, waits for the parent to map
-its ids and place it in its cgroup, enters a cgroup namespace rooted there, forks PID 1 of
-the new PID namespace and waits for it. ``sandbox_sequence`` (in PID 1): every remaining
-layer, in order, each step named so a failure reports ``(step, errno, message)``; seccomp
-is last because once it is loaded nothing else could be set up. Only then the payload runs:
+its ids, forks PID 1 of the new PID namespace and waits for it (the parent moves it into
+the plugin's cgroup meanwhile). ``sandbox_sequence`` (in PID 1): every remaining layer, in
+order, each step named so a failure reports ``(step, errno, message)``; halfway, it waits to
+be placed in its cgroup (READY/PLACED) and roots a cgroup namespace there; seccomp is last
+because once it is loaded nothing else could be set up. Only then the payload runs:
 wasmtime for a real launch, a probe for the death tests.
 
 Both end with ``os._exit``: no atexit handler, no flush, nothing that opens a file.
