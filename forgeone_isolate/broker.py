@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from forgeone_isolate import abi, fsaccess, policy
 from forgeone_isolate import protocol as p
@@ -91,9 +91,10 @@ class BrokerStats:
     by_op: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Reply:
-    """One answer: the frame, and a descriptor to pass with it (the caller closes it)."""
+class Reply(NamedTuple):
+    """One answer: the frame, and a descriptor to pass with it (the caller closes it).
+
+    A NamedTuple rather than a frozen dataclass: one is built per call on the hot path."""
 
     frame: bytes
     fd: int | None = None
@@ -367,7 +368,8 @@ class Broker:
     def _record(
         self, op: p.Op, args: dict[str, Any], allowed: bool, reason: str, started: int
     ) -> None:
-        self._write_audit(p.OP_NAMES[op], args, allowed, reason, started)
+        if self._audit is not None:
+            self._write_audit(p.OP_NAMES[op], args, allowed, reason, started)
 
     def _write_audit(
         self, op: str, args: dict[str, Any], allowed: bool, reason: str, started: int

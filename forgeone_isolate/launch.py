@@ -56,6 +56,7 @@ SETUP_DEADLINE_S = 15.0
 MAX_KEPT_LOGS = 1000
 #: room for a few descriptors: anything the child sends is counted, closed and refused
 _ANCILLARY_SPACE = socket.CMSG_SPACE(16 * 4)
+_TRUNCATED = socket.MSG_TRUNC | socket.MSG_CTRUNC
 TERM_GRACE_S = 2.0
 
 
@@ -373,6 +374,7 @@ class _Supervisor:
         self.deadline = self.t0 + SETUP_DEADLINE_S
         self.observed = False
         self.early: list[dict[str, Any]] = []
+        self.first_call_seen = False
         self.commands: CommandSource = RunOnce()
         self.last_command: p.Command | None = None  # None: the guest has just started
         self.paused = False
@@ -575,10 +577,11 @@ class _Supervisor:
             return False
         if not frame and not ancdata and _peer_gone(self.brk):
             return False
-        if "first_call_ms" not in self.result.timings:
+        if not self.first_call_seen:
+            self.first_call_seen = True
             self._mark("first_call_ms")
-        smuggled = _close_passed_fds(ancdata)
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        smuggled = _close_passed_fds(ancdata) if ancdata else 0
+        if flags & _TRUNCATED:
             smuggled = max(smuggled, 1)
         reply = self.broker.handle(frame, fds_received=smuggled)
         if self.broker.abusive:
