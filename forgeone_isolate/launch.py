@@ -663,6 +663,20 @@ class _Supervisor:
             r.status, r.reason = "error", f"{phase}: {message}"
 
 
+def record_result(state_dir: Path, plan: SandboxPlan, result: LaunchResult) -> None:
+    """Add a finished launch's figures to the state directory's per-plugin metrics."""
+    record_launch(
+        state_dir,
+        plan.signer,
+        plan.plugin,
+        result.status,
+        result.reason,
+        result.broker,
+        result.metrics,
+        result.network,
+    )
+
+
 def phase_name(phase: int) -> str:
     """The lifecycle step a DONE frame's phase number names."""
     if phase < len(abi.LIFECYCLE):
@@ -763,16 +777,7 @@ def cli_launch(args: argparse.Namespace, out: TextIO) -> int:
         "metrics": result.metrics,
         "output": result.output.decode("utf-8", "replace"),
     }
-    record_launch(
-        state_dir,
-        plan.signer,
-        plan.plugin,
-        result.status,
-        result.reason,
-        result.broker,
-        result.metrics,
-        result.network,
-    )
+    record_result(state_dir, plan, result)
     if args.json:
         report["logs"] = [{"level": abi.LOG_LEVELS[lv], "text": t} for lv, t in result.logs]
         json.dump(report, out, sort_keys=True)

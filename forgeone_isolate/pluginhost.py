@@ -48,7 +48,6 @@ from forgeone_isolate.audit import AuditLog
 from forgeone_isolate.errors import BadInputError, IsolateError, VerificationError
 from forgeone_isolate.forkserver import EXIT_INTERNAL
 from forgeone_isolate.kvstore import KvStore
-from forgeone_isolate.metrics import record_launch
 from forgeone_isolate.plan import DEFAULT_ADDRESS_POOL
 from forgeone_isolate.uidpool import UidLease, lease_uid
 
@@ -204,7 +203,7 @@ def run_host(spec: dict[str, Any], channel: HostChannel) -> int:
     """Verify, plan and run one plugin; report on ``channel``. Returns the exit status."""
     from forgeone_isolate import child
     from forgeone_isolate.launch import io_device as launch_io_device
-    from forgeone_isolate.launch import run_plan
+    from forgeone_isolate.launch import record_result, run_plan
     from forgeone_isolate.plan import build_plan
 
     name = str(spec["name"])
@@ -306,16 +305,7 @@ def run_host(spec: dict[str, Any], channel: HostChannel) -> int:
         if kv is not None:
             kv.close()
     with contextlib.suppress(Exception):
-        record_launch(
-            state_dir,
-            plan.signer,
-            plan.plugin,
-            result.status,
-            result.reason,
-            result.broker,
-            result.metrics,
-            result.network,
-        )
+        record_result(state_dir, plan, result)
     channel.send(
         {
             "ev": "exit",

@@ -15,7 +15,6 @@ import errno
 import ipaddress
 import json
 import os
-import signal
 import socket
 import stat
 import struct
@@ -26,10 +25,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import pytest
+from helpers import deadline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -251,26 +250,6 @@ def assert_denial_audited(rig: Rig, op: str, reason_part: str = "") -> dict[str,
     assert reason_part.lower() in rec["reason"].lower(), rec["reason"]
     assert rec["identity"] == rig.broker.identity.as_dict()
     return rec
-
-
-class DeadlineExceeded(Exception):
-    """A call that must be prompt blocked."""
-
-
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Interrupt the block after ``seconds`` (SIGALRM, main thread)."""
-
-    def fire(signum: int, frame: FrameType | None) -> None:
-        raise DeadlineExceeded(f"still blocked after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @dataclass(frozen=True)

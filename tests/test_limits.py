@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from guestgen import Guest, results, write_plugin
+from plugin_utils import live_children
 
 from forgeone_isolate import cgroup, netns, package, signing
 
@@ -131,17 +131,6 @@ class Env:
         return report
 
 
-def _live_children() -> list[psutil.Process]:
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            continue
-    return out
-
-
 def leaks(reports: list[dict[str, Any]]) -> list[str]:
     """What the launches behind ``reports`` left: cgroup directories, veths, processes.
 
@@ -163,7 +152,7 @@ def leaks(reports: list[dict[str, Any]]) -> list[str]:
     ]
     ours = {netns.host_ifname(i[:8]) for i in instances}
     found += [f"veth {name}" for name in netns.list_our_links() if name in ours]
-    found += [f"process {p.pid} {p.name()}" for p in _live_children()]
+    found += [f"process {p.pid} {p.name()}" for p in live_children()]
     return sorted(set(found))
 
 
