@@ -91,6 +91,8 @@ def main() -> int:
                     steps.setdefault(f"pid1:{name}", []).append(ms)
                 prev = 0.0
                 for name in (
+                    "cgroup_ms",
+                    "forked_ms",
                     "unshared_ms",
                     "mapped_ms",
                     "keeper_attached_ms",
@@ -138,7 +140,9 @@ def main() -> int:
         print(f"{k:<40} {v['p50_ms']:9.2f} {v['p99_ms']:9.2f} {ratio:>8}")
     print(f"\n{'step (delta from the previous marker)':<40} {'p50 ms':>9} {'p99 ms':>9}")
     labels = {
-        "unshared_ms": "cgroup create, fork, unshare",
+        "cgroup_ms": "broker, sweep, cgroup create",
+        "forked_ms": "fork (parent's view)",
+        "unshared_ms": "keeper: pdeathsig, unshare",
         "mapped_ms": "uid/gid maps",
         "keeper_attached_ms": "keeper cgroup attach (children go on)",
         "pid1_ms": "(PID 1 reported)",

@@ -99,6 +99,21 @@ def cpu_busy_s() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_s(proc: psutil.Process | None) -> float:
+    """CPU seconds a process has run, from /proc/<pid>/schedstat (nanoseconds; the
+    tick-sampled user/system times of /proc/<pid>/stat miss processes that run < 10 ms)."""
+    if proc is None:
+        return 0.0
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{proc.pid}/task"):
+            with open(f"/proc/{proc.pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return total / 1e9
+
+
 def _trivial_host(spec: dict[str, Any], chan: Any) -> Any:
     os._exit(0)
 
@@ -218,6 +233,11 @@ def main() -> int:
                         errors.append(f"{name}: {e}")
 
         threads = [threading.Thread(target=starter) for _ in range(args.clients)]
+        svc_proc = psutil.Process(proc.pid)
+        fs_proc = next(
+            (k for k in svc_proc.children() if k.name().startswith("forgeone-forksv")), None
+        )
+        own0 = {"service": cpu_s(svc_proc), "fork server": cpu_s(fs_proc)}
         busy0 = cpu_busy_s()
         t0 = time.perf_counter()
         for t in threads:
@@ -226,6 +246,13 @@ def main() -> int:
             t.join()
         wall = time.perf_counter() - t0
         results["cpu_ms_per_launch"] = round((cpu_busy_s() - busy0) * 1000 / args.n, 1)
+        # Where that CPU went: the service and fork server during the starts, and what each
+        # plugin's processes have used since they were forked (they are all still alive).
+        by_role = {
+            "service": cpu_s(svc_proc) - own0["service"],
+            "fork server": cpu_s(fs_proc) - own0["fork server"],
+        }
+        results["cpu_ms_by_role"] = by_role
         results["launch_all_s"] = round(wall, 3)
         results["launches_per_s"] = round(args.n / wall, 1)
         results["launch_errors"] = errors[:10]
@@ -245,14 +272,21 @@ def main() -> int:
             except psutil.NoSuchProcess:
                 continue
         roles: dict[str, list[float]] = {"host": [], "keeper": [], "pid1": []}
+        role_cpu: dict[str, float] = {"host": 0.0, "keeper": 0.0, "pid1": 0.0}
         for p in running:
             try:
                 host = psutil.Process(int(p["host_pid"]))
                 chain = [host, *host.children(recursive=True)]
                 for role, proc_ in zip(roles, chain, strict=False):
                     roles[role].append(proc_.memory_full_info().uss / MIB)
+                    role_cpu[role] += cpu_s(proc_)
             except psutil.NoSuchProcess:
                 continue
+        for role, total in role_cpu.items():
+            results["cpu_ms_by_role"][role] = total
+        results["cpu_ms_by_role"] = {
+            k: round(v * 1000 / args.n, 2) for k, v in results["cpu_ms_by_role"].items()
+        }
         results["uss_mib_by_process"] = {
             role: round(statistics.fmean(v), 2) for role, v in roles.items() if v
         }
@@ -333,6 +367,10 @@ def main() -> int:
             "launches/s (concurrent starts)",
             f"{results['launches_per_s']} ({args.clients} clients;"
             f" {results['cpu_ms_per_launch']} ms CPU each, machine-wide)",
+        ),
+        (
+            "  CPU ms per launch, by process",
+            "  ".join(f"{k} {v}" for k, v in results["cpu_ms_by_role"].items()),
         ),
         (
             "launch latency (ms, one at a time)",

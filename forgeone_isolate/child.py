@@ -107,7 +107,7 @@ def keeper_main(
             if os.getppid() != parent_pid:
                 os._exit(markers.EXIT_PARENT_GONE)
         with step("fork-pid1"):
-            pid = os.fork()
+            pid = libc_mod.fork_lean()
         if pid == 0:
             _plugin_main(k, plan, chans, payload_factory)
         chans.broker.close()  # only PID 1 holds the broker end: EOF there means it is gone

@@ -43,6 +43,7 @@ from forgeone_isolate import (
 )
 from forgeone_isolate import child as child_mod
 from forgeone_isolate import protocol as p
+from forgeone_isolate._sys import libc
 from forgeone_isolate.audit import AuditLog
 from forgeone_isolate.broker import Broker, Identity, Resolver, system_resolver
 from forgeone_isolate.errors import EXIT_OK, EXIT_PLUGIN_FAILED, SetupError
@@ -192,6 +193,7 @@ def run_plan(
         sweep_stale_cgroups(cgroups)
     # The supervisor's pid in the name lets a later launch remove what a killed one left.
     pc = cgroups.create(f"{plan.plugin[:30]}-{plan.instance_id}-s{os.getpid()}", limits)
+    result.timings["cgroup_ms"] = round((time.monotonic() - started) * 1000, 3)
     result.cgroup = {
         "paths": list(pc.paths),
         "applied": dict(pc.applied),
@@ -206,7 +208,8 @@ def run_plan(
     # Built once here, before the fork, so PID 1 only loads it.
     seccomp_filter.filter_for(plan.seccomp_allow, plan.seccomp_min_fd, NOFILE - 1)
     try:
-        keeper = os.fork()
+        # Without CPython's after-fork hooks when we are the only thread (libc.fork_lean).
+        keeper = libc.fork_lean() if threading.active_count() == 1 else os.fork()
         if keeper == 0:  # first child: never returns
             ctl_parent.close()
             brk_parent.close()
@@ -216,6 +219,7 @@ def run_plan(
                 os.getppid(),
                 payload_factory,
             )
+        result.timings["forked_ms"] = round((time.monotonic() - started) * 1000, 3)
         ctl_child.close()
         brk_child.close()
         os.close(devnull)

@@ -446,3 +446,25 @@ def test_pdeathsig_comes_first_in_both_children() -> None:
     k = RecordingKernel()
     k.set_pdeathsig(signal.SIGKILL)
     assert k.calls == [("set_pdeathsig", ("SIGKILL",))]
+
+
+def test_fork_lean_forks_without_the_interpreters_after_fork_hooks() -> None:
+    """The keeper and PID 1 are forked by fork_lean: a real fork (own pid, the child's exit
+    status reaches the parent) in which Python's after-fork hooks do not run."""
+    from forgeone_isolate._sys import libc
+
+    ran: list[int] = []
+    os.register_at_fork(after_in_child=lambda: ran.append(1))
+    r, w = os.pipe()
+    pid = libc.fork_lean()
+    if pid == 0:  # the child: report whether the hook ran, and our pid
+        os.write(w, f"{len(ran)} {os.getpid()}".encode())
+        os._exit(7)
+    os.close(w)
+    hooks, child_pid = os.read(r, 64).decode().split()
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert int(child_pid) == pid != os.getpid()
+    assert os.WIFEXITED(status)
+    assert os.WEXITSTATUS(status) == 7
+    assert hooks == "0"  # with os.fork the registered hook would have run: "1"
