@@ -142,9 +142,9 @@ def main() -> int:
     labels = {
         "cgroup_ms": "broker, sweep, cgroup create",
         "forked_ms": "fork (parent's view)",
-        "unshared_ms": "keeper: pdeathsig, unshare",
+        "unshared_ms": "keeper: pdeathsig, unshare, UNSHARED",
         "mapped_ms": "uid/gid maps",
-        "keeper_attached_ms": "keeper cgroup attach (children go on)",
+        "keeper_attached_ms": "keeper cgroup attach",
         "pid1_ms": "(PID 1 reported)",
         "placed_ms": "PID 1 attached, PLACED sent",
         "observed_ms": "cgroupns..seccomp + /proc read",

@@ -1,14 +1,15 @@
-"""The two child processes, each one ordered function (see markers.py for the channel).
+"""The two child processes of a launch (see markers.py for their channel with the parent).
 
-``keeper_main`` (first fork): leaves the host's namespaces, waits for the parent to map
-its ids, forks PID 1 of the new PID namespace and waits for it (the parent moves it into
-the plugin's cgroup meanwhile). ``sandbox_sequence`` (in PID 1): every remaining layer, in
-order, each step named so a failure reports ``(step, errno, message)``; halfway, it waits to
-be placed in its cgroup (READY/PLACED) and roots a cgroup namespace there; seccomp is last
-because once it is loaded nothing else could be set up. Only then the payload runs:
-wasmtime for a real launch, a probe for the death tests.
+The keeper (first fork, in C: ``_sys/_keeper.c``, started by :func:`fork_children`) leaves
+the host's namespaces, waits for the parent to map its ids, forks PID 1 of the new PID
+namespace and waits for it (the parent moves it into the plugin's cgroup meanwhile).
+``sandbox_sequence`` (in PID 1): every remaining layer, in order, each step named so a
+failure reports ``(step, errno, message)``; halfway, it waits to be placed in its cgroup
+(READY/PLACED) and roots a cgroup namespace there; seccomp is last because once it is
+loaded nothing else could be set up. Only then the payload runs: wasmtime for a real
+launch, a probe for the death tests.
 
-Both end with ``os._exit``: no atexit handler, no flush, nothing that opens a file.
+PID 1 ends with ``os._exit``: no atexit handler, no flush, nothing that opens a file.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import errno as errno_mod
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +29,7 @@ from typing import NoReturn
 # guest is imported here, before any fork: after pivot_root no module file can be read.
 from forgeone_isolate import caps, fds, guest, markers, mounts, ns, rlimits, seccomp_filter
 from forgeone_isolate import plan as plan_mod
+from forgeone_isolate._sys import _keeper
 from forgeone_isolate._sys import libc as libc_mod
 from forgeone_isolate._sys.libc import CLONE_NEWCGROUP
 from forgeone_isolate.kernel import Kernel, RealKernel
@@ -77,49 +80,34 @@ class ChildChannels:
     devnull: int
 
 
-def keeper_main(
+def fork_children(
     plan: SandboxPlan,
     chans: ChildChannels,
-    parent_pid: int,
+    close_in_keeper: tuple[int, ...],
     payload_factory: Callable[[], Callable[[], int]],
-    kernel: Kernel | None = None,
-) -> NoReturn:
-    """First child: unshare, be mapped, fork PID 1, wait for it, report."""
-    k = kernel or RealKernel()
-    ctl = chans.control
-    try:
-        with step("pdeathsig"):
-            k.set_pdeathsig(signal.SIGKILL)
-            if os.getppid() != parent_pid:
-                os._exit(markers.EXIT_PARENT_GONE)
-        with step("setgroups"):
-            k.setgroups([])  # must precede unshare: setgroups is denied in the new namespace
-        with step("unshare"):
-            ns.unshare_namespaces(k, [n for n in plan.namespaces if n != "cgroup"])
-        markers.send(ctl, markers.UNSHARED)
-        reply = markers.recv(ctl)
-        if reply is None or reply.get("m") != markers.MAPPED:
-            os._exit(markers.EXIT_PROTOCOL)
-        with step("setresuid"):
-            k.setresgid(0)
-            k.setresuid(0)
-            k.set_pdeathsig(signal.SIGKILL)  # a credential change clears it
-            if os.getppid() != parent_pid:
-                os._exit(markers.EXIT_PARENT_GONE)
-        with step("fork-pid1"):
-            pid = libc_mod.fork_lean()
-        if pid == 0:
-            _plugin_main(k, plan, chans, payload_factory)
-        chans.broker.close()  # only PID 1 holds the broker end: EOF there means it is gone
-        markers.send(ctl, markers.PID1, pid=pid)
-        _, status = os.waitpid(pid, 0)
-        markers.send(ctl, markers.EXITED, status=status)
-        os._exit(0)
-    except StepFailed as e:
-        _report(ctl, e)
-        os._exit(markers.EXIT_SETUP_FAILED)
-    except BaseException:
-        os._exit(markers.EXIT_SETUP_FAILED)
+) -> int:
+    """Fork the keeper (in C: ``_sys/_keeper.c``), which unshares, is mapped, forks PID 1
+    and waits for it. Returns the keeper's pid; in PID 1, runs the sandbox and never returns.
+
+    ``close_in_keeper``: the parent's ends of the channels. With other threads alive the
+    interpreter's fork protocol runs (as ``os.fork``'s); alone, the fork is lean.
+
+    Raises: OSError when the first fork fails.
+    """
+    flags = ns.flags_for(n for n in plan.namespaces if n != "cgroup")
+    pid = _keeper.fork_keeper(
+        chans.control.fileno(),
+        chans.broker.fileno(),
+        os.getpid(),
+        flags,
+        close_in_keeper,
+        threading.active_count() > 1,
+    )
+    if pid == 0:  # PID 1 of the new PID namespace
+        STEP_MS.clear()
+        STEP_MS.update({k: round(v, 3) for k, v in _keeper.keeper_steps().items()})
+        _plugin_main(RealKernel(), plan, chans, payload_factory)
+    return pid
 
 
 def _report(ctl: socket.socket, e: StepFailed) -> None:
@@ -160,7 +148,6 @@ def sandbox_sequence(
     """
     with step("pdeathsig"):
         k.set_pdeathsig(signal.SIGKILL)  # die with the keeper, which dies with the supervisor
-        vm_size = rlimits.vm_size_bytes()  # /proc is still there; the headroom covers growth
     with step("mounts"):
         mounts.setup_empty_root(k, plan.scratch_mount)  # needs CAP_SYS_ADMIN: before caps
     with step("hostname"):
@@ -186,6 +173,9 @@ def sandbox_sequence(
     reply = markers.recv(control)
     if reply is None or reply.get("m") != markers.PLACED:
         os._exit(markers.EXIT_PROTOCOL)
+    vm_size = reply.get("vm_size")  # read by the parent in /proc: we have none any more
+    if not isinstance(vm_size, int) or isinstance(vm_size, bool) or vm_size <= 0:
+        os._exit(markers.EXIT_PROTOCOL)
     if "cgroup" in plan.namespaces:
         with step("unshare-cgroup"):
             k.unshare(CLONE_NEWCGROUP)  # now placed: the namespace is rooted at our cgroup
@@ -201,6 +191,10 @@ def sandbox_sequence(
     with step("seccomp"):
         k.load_seccomp(program)  # last: after it, nothing can be set up any more
     markers.send(control, markers.FILTERED, steps=STEP_MS)
+    if isinstance(payload, guest.PreparedGuest) and not os.environ.get("NOEARLY"):
+        # Everything is in place: make the instance while the parent reads /proc (a start
+        # function may run; a lifecycle export runs only once the parent has observed).
+        payload.instantiate()
     reply = markers.recv(control)
     if reply is None or reply.get("m") != markers.OBSERVED:
         os._exit(markers.EXIT_PROTOCOL)
@@ -217,6 +211,6 @@ def make_guest_payload(serialized: bytes, plan: SandboxPlan) -> Callable[[], Cal
 
     def factory() -> Callable[[], int]:
         prepared.channel.bind()
-        return prepared.run
+        return prepared
 
     return factory

@@ -102,13 +102,15 @@ class PreparedGuest:
     _memory: wasmtime.Memory | None = None
     _exports: Any = None
 
-    def run(self) -> int:
-        """Instantiate and drive the lifecycle; report the outcome in a DONE frame.
+    _instantiated: bool = False
+    _instantiate_error: wasmtime.WasmtimeError | wasmtime.Trap | None = None
 
-        ``init``, ``start``; then commands from the parent (IDLE → STOP, CALL, PAUSE,
-        RESUME) until STOP; then ``stop`` and ``unload``. Returns the process exit status
-        (0 ok, 1 failed). Never raises.
-        """
+    def instantiate(self) -> None:
+        """Make the instance (a wasm start function runs here). Called once the filter is
+        loaded, while the parent reads /proc; an error is kept for :meth:`run` to report."""
+        if self._instantiated:
+            return
+        self._instantiated = True
         self._phase = 255
         self._memory = None
         try:
@@ -116,6 +118,24 @@ class PreparedGuest:
             self._exports = instance.exports(self.store)
             mem = self._exports[abi.MEMORY_EXPORT]
             self._memory = mem if isinstance(mem, wasmtime.Memory) else None
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
+            self._instantiate_error = e
+
+    def __call__(self) -> int:
+        return self.run()
+
+    def run(self) -> int:
+        """Instantiate (unless done already) and drive the lifecycle; report the outcome in
+        a DONE frame.
+
+        ``init``, ``start``; then commands from the parent (IDLE → STOP, CALL, PAUSE,
+        RESUME) until STOP; then ``stop`` and ``unload``. Returns the process exit status
+        (0 ok, 1 failed). Never raises.
+        """
+        self.instantiate()
+        try:
+            if self._instantiate_error is not None:
+                raise self._instantiate_error
             for name in ("init", "start"):
                 if not self._call_lifecycle(name):
                     return 1

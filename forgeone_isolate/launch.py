@@ -37,13 +37,13 @@ from forgeone_isolate import (
     observe,
     package,
     policy,
+    rlimits,
     seccomp_filter,
     signing,
     wasm,
 )
 from forgeone_isolate import child as child_mod
 from forgeone_isolate import protocol as p
-from forgeone_isolate._sys import libc
 from forgeone_isolate.audit import AuditLog
 from forgeone_isolate.broker import Broker, Identity, Resolver, system_resolver
 from forgeone_isolate.errors import EXIT_OK, EXIT_PLUGIN_FAILED, SetupError
@@ -208,17 +208,12 @@ def run_plan(
     # Built once here, before the fork, so PID 1 only loads it.
     seccomp_filter.filter_for(plan.seccomp_allow, plan.seccomp_min_fd, NOFILE - 1)
     try:
-        # Without CPython's after-fork hooks when we are the only thread (libc.fork_lean).
-        keeper = libc.fork_lean() if threading.active_count() == 1 else os.fork()
-        if keeper == 0:  # first child: never returns
-            ctl_parent.close()
-            brk_parent.close()
-            child_mod.keeper_main(
-                plan,
-                child_mod.ChildChannels(ctl_child, brk_child, devnull),
-                os.getppid(),
-                payload_factory,
-            )
+        keeper = child_mod.fork_children(
+            plan,
+            child_mod.ChildChannels(ctl_child, brk_child, devnull),
+            (ctl_parent.fileno(), brk_parent.fileno()),
+            payload_factory,
+        )
         result.timings["forked_ms"] = round((time.monotonic() - started) * 1000, 3)
         ctl_child.close()
         brk_child.close()
@@ -369,6 +364,7 @@ class _Supervisor:
         self.brk = brk
         self.on_observed = on_observed
         self.pid1 = -1
+        self.vm_size = 0
         self.link: Any = None  # netns.PluginLink once set up
         self.netns_fd = -1
         self.pid1_status: int | None = None
@@ -495,11 +491,11 @@ class _Supervisor:
             self.step_failed = {"step": "cgroup-attach", "errno": e.errno or 0, "message": str(e)}
             self.kill("setup failed")
 
-    def _send_marker(self, marker: str) -> None:
+    def _send_marker(self, marker: str, **fields: Any) -> None:
         """A marker to the children; a child already gone (killed, say) is no error here:
         its end of the story arrives as EOF and a wait status."""
         with contextlib.suppress(OSError):
-            markers.send(self.ctl, marker)
+            markers.send(self.ctl, marker, **fields)
 
     def _mark(self, name: str) -> None:
         self.result.timings[name] = round((time.monotonic() - self.t0) * 1000, 3)
@@ -535,6 +531,18 @@ class _Supervisor:
         elif m == markers.PID1 and isinstance(msg.get("pid"), int) and self.pid1 <= 0:
             self.pid1 = int(msg["pid"])
             self._mark("pid1_ms")
+            # PID 1's address space size, for its RLIMIT_AS (it has no /proc once pivoted):
+            # read now, while it sets up, off its path. What it maps later fits the headroom.
+            try:
+                self.vm_size = rlimits.vm_size_bytes(self.pid1)
+            except (OSError, ValueError) as e:
+                self.step_failed = {
+                    "step": "vm-size",
+                    "errno": getattr(e, "errno", 0) or 0,
+                    "message": str(e),
+                }
+                self.kill("setup failed")
+                return True
             held, self.early = self.early, []
             for early in held:
                 self._on_marker(early)
@@ -550,10 +558,9 @@ class _Supervisor:
         elif m == markers.READY:
             self.attach(self.pid1)  # the keeper may have forked it before its own attach
             if self.step_failed is None:
-                self._send_marker(markers.PLACED)
+                self._send_marker(markers.PLACED, vm_size=self.vm_size)
                 self._mark("placed_ms")
         elif m == markers.FILTERED:
-            self.result.cpu = _share_one_cpu(self.plan, self.pid1)
             steps = msg.get("steps")
             if isinstance(steps, dict):  # the child's own account of its step costs (ms)
                 self.result.child_steps = {
@@ -565,6 +572,9 @@ class _Supervisor:
             if self.on_observed is not None:
                 self.on_observed(self.result.isolation)
             self.observed = True
+            # From now on a broker call is a context switch: one CPU for the plugin and us
+            # (after the /proc read, which ran beside PID 1's instantiation).
+            self.result.cpu = _share_one_cpu(self.plan, self.pid1)
             self._mark("observed_ms")
             self.deadline = time.monotonic() + self.plan.timeout_s
             self._send_marker(markers.OBSERVED)

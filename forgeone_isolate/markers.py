@@ -9,11 +9,13 @@ strictly in this order::
                                                 children go on with their setup)
     keeper  -> parent  PID1 {pid}               host pid of PID 1 of the new namespace
     plugin  -> parent  READY                    mounts, fds, wasmtime prepared: place me
-    parent  -> plugin  PLACED                   PID 1 is in its cgroup (then it unshares
-                                                its cgroup namespace, rooted there)
+    parent  -> plugin  PLACED {vm_size}         PID 1 is in its cgroup (then it unshares
+                                                its cgroup namespace, rooted there);
+                                                vm_size: its VmSize, for RLIMIT_AS
     plugin  -> parent  STEP_FAILED {step, errno, message}   (then exits EXIT_SETUP_FAILED)
-    plugin  -> parent  FILTERED {steps}         every layer applied; plugin code not yet run
-    parent  -> plugin  OBSERVED                 parent has read /proc/<pid>; go on
+    plugin  -> parent  FILTERED {steps}         every layer applied (PID 1 then instantiates
+                                                the module while the parent observes)
+    parent  -> plugin  OBSERVED                 parent has read /proc/<pid>; run the lifecycle
     keeper  -> parent  EXITED {status}          wait status of PID 1
 
 "keeper" is the first child (outside the new PID namespace, it unshares and waits);

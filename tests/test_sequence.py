@@ -11,7 +11,6 @@ holds the keeper's calls before its fork, then its own) over the broker socket.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import resource
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from forgeone_isolate import caps, child, fds, markers, mounts, policy
+from forgeone_isolate import caps, child, fds, markers, mounts, ns, policy
 from forgeone_isolate._sys.libc import (
     CLONE_NEWCGROUP,
     CLONE_NEWIPC,
@@ -46,6 +45,10 @@ from forgeone_isolate.semver import Version
 
 HOST_UID = 1_500_000_000
 DEVNULL_FD = 77  # the kernel is a recording: this number is only ever recorded
+NS_ALL_BUT_CGROUP = (
+    CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+)
+VM_SIZE = 123 * 4096  # what the parent read in /proc/<pid 1>/status, sent with PLACED
 
 
 def make_plan() -> SandboxPlan:
@@ -112,7 +115,7 @@ def run_sequence(
         k.calls.append(("payload_factory", ()))
         return payload
 
-    markers.send(ch.ctl_peer, markers.PLACED)
+    markers.send(ch.ctl_peer, markers.PLACED, vm_size=VM_SIZE)
     markers.send(ch.ctl_peer, markers.OBSERVED)
     ctl_fd = ch.chans.control.fileno()
     try:
@@ -177,10 +180,10 @@ def test_sandbox_sequence_exact_order(monkeypatch: pytest.MonkeyPatch, channels:
     assert k.calls == expected
     assert k.names()[-1] == "load_seccomp"
 
-    # The address-space limit covers the current size, the headroom and the guest memory.
+    # The address-space limit is the size the parent read, the headroom and the guest memory.
     _, soft, hard = as_limit[1]
     assert soft == hard
-    assert soft > plan.as_headroom + plan.memory_bytes
+    assert soft == VM_SIZE + plan.as_headroom + plan.memory_bytes
 
     # READY went out before confinement, FILTERED only after the filter; the payload has
     # not run yet.
@@ -295,12 +298,16 @@ def test_an_unknown_syscall_in_the_allow_list_is_the_prepare_step(
     assert "load_seccomp" not in k.names()
 
 
-@pytest.mark.parametrize("placed", [False, True])
-def test_no_placed_or_observed_reply_means_no_payload(channels: Channels, placed: bool) -> None:
-    """Without the parent's PLACED, or then its OBSERVED, the plugin exits with
-    EXIT_PROTOCOL and its payload never runs."""
-    if placed:
-        markers.send(channels.ctl_peer, markers.PLACED)
+@pytest.mark.parametrize(
+    "placed", [None, {"vm_size": VM_SIZE}, {}, {"vm_size": -1}, {"vm_size": "1"}, {"vm_size": True}]
+)
+def test_no_placed_or_observed_reply_means_no_payload(
+    channels: Channels, placed: dict[str, Any] | None
+) -> None:
+    """Without the parent's PLACED (with a positive int vm_size), or then its OBSERVED, the
+    plugin exits with EXIT_PROTOCOL and its payload never runs."""
+    if placed is not None:
+        markers.send(channels.ctl_peer, markers.PLACED, **placed)
     markers.send(channels.ctl_peer, markers.MAPPED)  # anything but the expected reply
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
@@ -327,43 +334,42 @@ def _recv_within(sock: socket.socket, timeout: float = 10.0) -> dict[str, Any] |
     return markers.recv(sock)
 
 
-def _run_keeper(k: RecordingKernel) -> tuple[list[dict[str, Any]], list[list[Any]] | None, int]:
-    """Fork a keeper running on ``k``; play the supervisor. Returns the markers received,
-    the recording PID 1's payload sent back, and the keeper's wait status."""
+def _run_keeper(
+    flags: int = NS_ALL_BUT_CGROUP,
+    reply: str = markers.MAPPED,
+    parent_pid: int | None = None,
+    pid1_exit: int = 0,
+) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
+    """Fork the real (C) keeper; play the supervisor (write its id maps, answer MAPPED with
+    ``reply``). PID 1 reports what it sees on the broker channel and exits ``pid1_exit``.
+    Returns the markers received, PID 1's report, and the keeper's wait status."""
+    from forgeone_isolate._sys import _keeper
+
     ctl_parent, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     brk_parent, brk_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    plan = make_plan()
-
-    def factory() -> Callable[[], int]:
-        def payload() -> int:
-            os.write(fds.BROKER_FD, json.dumps(k.calls).encode())
-            return 0
-
-        return payload
-
-    keeper = os.fork()
-    if keeper == 0:  # pragma: no cover - child
+    keeper = _keeper.fork_keeper(
+        ctl_child.fileno(),
+        brk_child.fileno(),
+        os.getpid() if parent_pid is None else parent_pid,
+        flags,
+        (ctl_parent.fileno(), brk_parent.fileno()),
+        False,
+    )
+    if keeper == 0:  # pragma: no cover - PID 1
         try:
-            ctl_parent.close()
-            brk_parent.close()
-            # PID 1 (a real fork) closes the real fd 4 after FILTERED and writes to fd 3:
-            # make those the channels, since the recording kernel moves nothing.
-            brk_high = fcntl.fcntl(brk_child.fileno(), fcntl.F_DUPFD, 10)
-            ctl_high = fcntl.fcntl(ctl_child.fileno(), fcntl.F_DUPFD, 10)
-            os.dup2(brk_high, fds.BROKER_FD)
-            os.dup2(ctl_high, fds.CONTROL_FD)
-            chans = child.ChildChannels(
-                socket.socket(fileno=os.dup(fds.CONTROL_FD)), brk_child, devnull
-            )
-            child.keeper_main(plan, chans, os.getppid(), factory, kernel=k)
+            report = {
+                "pid": os.getpid(),
+                "uid": os.getuid(),
+                "steps": _keeper.keeper_steps(),
+                "parent_ends_open": [_fd_open(ctl_parent.fileno()), _fd_open(brk_parent.fileno())],
+            }
+            os.write(brk_child.fileno(), json.dumps(report).encode())
         finally:
-            os._exit(99)
+            os._exit(pid1_exit)
     ctl_child.close()
     brk_child.close()
-    os.close(devnull)
     got: list[dict[str, Any]] = []
-    recording: list[list[Any]] | None = None
+    report: dict[str, Any] = {}
     finished = False
     try:
         while True:
@@ -372,16 +378,19 @@ def _run_keeper(k: RecordingKernel) -> tuple[list[dict[str, Any]], list[list[Any
                 break
             got.append(msg)
             if msg["m"] == markers.UNSHARED:
-                markers.send(ctl_parent, markers.MAPPED)
-            elif msg["m"] == markers.READY:
-                markers.send(ctl_parent, markers.PLACED)
-            elif msg["m"] == markers.FILTERED:
-                markers.send(ctl_parent, markers.OBSERVED)
+                # seen from outside: the keeper is in new user, mount, net... namespaces
+                for name in ("user", "mnt", "net", "ipc", "uts"):
+                    assert os.readlink(f"/proc/{keeper}/ns/{name}") != os.readlink(
+                        f"/proc/self/ns/{name}"
+                    ), name
+                # (its new PID namespace shows in PID 1, which reports pid 1)
+                ns.parent_write_id_maps(keeper, HOST_UID, HOST_UID)
+                markers.send(ctl_parent, reply)
             elif msg["m"] in (markers.EXITED, markers.STEP_FAILED):
                 break
-        if select.select([brk_parent], [], [], 0.5)[0]:
-            data = brk_parent.recv(1 << 20)
-            recording = json.loads(data) if data else None
+        if select.select([brk_parent], [], [], 2.0)[0]:
+            data = brk_parent.recv(1 << 16)
+            report = json.loads(data) if data else {}
         finished = True
     finally:
         if not finished:
@@ -389,46 +398,39 @@ def _run_keeper(k: RecordingKernel) -> tuple[list[dict[str, Any]], list[list[Any
         _, status = os.waitpid(keeper, 0)
         ctl_parent.close()
         brk_parent.close()
-    return got, recording, status
+    return got, report, status
 
 
-def test_keeper_then_pid1_order() -> None:
-    k = RecordingKernel()
-    got, recording, status = _run_keeper(k)
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.requires_root
+def test_keeper_unshares_is_mapped_forks_pid1_and_reports_its_status() -> None:
+    got, report, status = _run_keeper(pid1_exit=5)
     assert os.WIFEXITED(status)
     assert os.WEXITSTATUS(status) == 0
-    kinds = [m["m"] for m in got]
-    assert kinds[0] == markers.UNSHARED
-    # PID1 (from the keeper) may come anywhere before FILTERED; READY precedes FILTERED
-    assert sorted(kinds[1:4]) == sorted([markers.PID1, markers.READY, markers.FILTERED])
-    assert kinds.index(markers.READY) < kinds.index(markers.FILTERED)
-    assert kinds[4:] == [markers.EXITED]
-    assert os.WIFEXITED(got[-1]["status"])
-    assert os.WEXITSTATUS(got[-1]["status"]) == 0
-    assert recording is not None
-    names = [c[0] for c in recording]
-    unshare_all_but_cgroup = (
-        CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
-    )
-    assert [tuple(c) for c in recording[:6]] == [
-        ("set_pdeathsig", ["SIGKILL"]),
-        ("setgroups", [[]]),
-        ("unshare", [unshare_all_but_cgroup]),
-        ("setresgid", [0]),
-        ("setresuid", [0]),
-        ("set_pdeathsig", ["SIGKILL"]),  # the credential change cleared it
-    ]
-    # then PID 1's own sequence: its cgroup namespace once placed, seccomp last
-    assert names[6:8] == ["set_pdeathsig", "mount"]
-    assert ("unshare", [CLONE_NEWCGROUP]) in [tuple(c) for c in recording[6:]]
-    assert names[-1] == "load_seccomp"
-    assert names.index("set_no_new_privs") == len(names) - 2
+    assert [m["m"] for m in got] == [markers.UNSHARED, markers.PID1, markers.EXITED]
+    # PID 1 of the new PID namespace, root there (mapped to HOST_UID), without the
+    # parent's ends of the channels; the keeper's step timings came along.
+    assert report["pid"] == 1
+    assert report["uid"] == 0
+    assert report["parent_ends_open"] == [False, False]
+    assert set(report["steps"]) == {"pdeathsig", "setgroups", "unshare", "setresuid", "fork-pid1"}
+    assert all(v >= 0 for v in report["steps"].values())
+    assert got[1]["pid"] > 1  # its pid on the host
+    assert os.WIFEXITED(got[2]["status"])
+    assert os.WEXITSTATUS(got[2]["status"]) == 5
 
 
+@pytest.mark.requires_root
 def test_keeper_reports_a_failed_unshare() -> None:
-    k = RecordingKernel(fail={"unshare": errno.EINVAL})
-    got, recording, status = _run_keeper(k)
-    assert recording is None
+    got, report, status = _run_keeper(flags=0x1)  # not a namespace flag: EINVAL
+    assert report == {}
     assert os.WIFEXITED(status)
     assert os.WEXITSTATUS(status) == markers.EXIT_SETUP_FAILED
     assert got == [
@@ -441,11 +443,23 @@ def test_keeper_reports_a_failed_unshare() -> None:
     ]
 
 
-def test_pdeathsig_comes_first_in_both_children() -> None:
-    """A sanity check on the recording kernel's spelling used above."""
-    k = RecordingKernel()
-    k.set_pdeathsig(signal.SIGKILL)
-    assert k.calls == [("set_pdeathsig", ("SIGKILL",))]
+@pytest.mark.requires_root
+@pytest.mark.parametrize("reply", [markers.PLACED, "MAPPED ", "mapped"])
+def test_keeper_without_mapped_exits_without_a_pid1(reply: str) -> None:
+    got, report, status = _run_keeper(reply=reply)
+    assert [m["m"] for m in got] == [markers.UNSHARED]
+    assert report == {}
+    assert os.WIFEXITED(status)
+    assert os.WEXITSTATUS(status) == markers.EXIT_PROTOCOL
+
+
+@pytest.mark.requires_root
+def test_keeper_of_a_parent_already_gone_does_nothing() -> None:
+    got, report, status = _run_keeper(parent_pid=1)  # "our parent" is not who it names
+    assert got == []
+    assert report == {}
+    assert os.WIFEXITED(status)
+    assert os.WEXITSTATUS(status) == markers.EXIT_PARENT_GONE
 
 
 def test_fork_lean_forks_without_the_interpreters_after_fork_hooks() -> None:

@@ -1,0 +1,213 @@
+/*
+ * The keeper: the first child of a launch, in C.
+ *
+ * fork_keeper() forks the keeper, which leaves the host's namespaces, waits for the parent
+ * to write its uid/gid maps, forks PID 1 of the new PID namespace, then waits for it and
+ * reports its wait status. PID 1 returns from fork_keeper() with 0 and goes on in Python
+ * (child.pid1_main); the parent gets the keeper's pid. The keeper itself never returns to
+ * Python: it runs these few system calls and nothing else.
+ *
+ * Why C: a keeper written in Python executes interpreter code that writes to ~240 pages
+ * inherited from the parent (reference counts, frames, the allocator), each write a
+ * copy-on-write fault (~3.5 us on these machines), and the private copies stay for the
+ * plugin's whole life (1.6 MiB per plugin). This keeper touches a few pages of stack.
+ *
+ * The setup channel's messages are the ones markers.py documents, written here as the
+ * same JSON (json.dumps of {"m": MARKER, ...}): UNSHARED, STEP_FAILED {step, errno,
+ * message}, PID1 {pid}, EXITED {status}; it accepts exactly {"m": "MAPPED"} in reply.
+ * Exit statuses are markers.EXIT_*.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <grp.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define EXIT_SETUP_FAILED 120
+#define EXIT_PARENT_GONE 121
+#define EXIT_PROTOCOL 122
+#define MAX_STEPS 8
+
+/* Step timings (ms) of the keeper, copied into PID 1 by its fork: keeper_steps(). */
+static struct {
+    const char *name;
+    double ms;
+} steps[MAX_STEPS];
+static int n_steps;
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6;
+}
+
+static void record(const char *name, double started) {
+    if (n_steps < MAX_STEPS) {
+        steps[n_steps].name = name;
+        steps[n_steps].ms = now_ms() - started;
+        n_steps++;
+    }
+}
+
+static void say(int fd, const char *text) {
+    ssize_t r;
+    do {
+        r = write(fd, text, strlen(text));
+    } while (r < 0 && errno == EINTR);
+}
+
+static void fail(int fd, const char *step, int err) {
+    char buf[512];
+    /* strerror's texts are plain ASCII without quotes or backslashes: valid JSON as is */
+    snprintf(buf, sizeof buf, "{\"m\": \"STEP_FAILED\", \"step\": \"%s\", \"errno\": %d, \"message\": \"%s\"}",
+             step, err, strerror(err));
+    say(fd, buf);
+    _exit(EXIT_SETUP_FAILED);
+}
+
+static void die_with_parent(pid_t parent) {
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0)
+        _exit(EXIT_PARENT_GONE);
+    if (getppid() != parent) /* the parent died before the line above: nobody to serve */
+        _exit(EXIT_PARENT_GONE);
+}
+
+/* The keeper's whole life. Returns only in PID 1 (with 0). */
+static int keeper(int ctl, int brk, pid_t parent, int flags) {
+    double t = now_ms();
+    die_with_parent(parent);
+    record("pdeathsig", t);
+
+    t = now_ms();
+    if (setgroups(0, NULL) != 0) /* before unshare: refused in the new user namespace */
+        fail(ctl, "setgroups", errno);
+    record("setgroups", t);
+
+    t = now_ms();
+    if (unshare(flags) != 0)
+        fail(ctl, "unshare", errno);
+    record("unshare", t);
+    say(ctl, "{\"m\": \"UNSHARED\"}");
+
+    char reply[64];
+    ssize_t n;
+    do {
+        n = read(ctl, reply, sizeof reply - 1);
+    } while (n < 0 && errno == EINTR);
+    static const char mapped[] = "{\"m\": \"MAPPED\"}";
+    if (n != (ssize_t)(sizeof mapped - 1) || memcmp(reply, mapped, sizeof mapped - 1) != 0)
+        _exit(EXIT_PROTOCOL);
+
+    t = now_ms();
+    if (setresgid(0, 0, 0) != 0)
+        fail(ctl, "setresuid", errno);
+    if (setresuid(0, 0, 0) != 0)
+        fail(ctl, "setresuid", errno);
+    die_with_parent(parent); /* a credential change cleared it */
+    record("setresuid", t);
+
+    t = now_ms();
+    pid_t pid1 = fork();
+    if (pid1 < 0)
+        fail(ctl, "fork-pid1", errno);
+    if (pid1 == 0) {
+        record("fork-pid1", t);
+        return 0;
+    }
+    close(brk); /* only PID 1 holds the broker end: EOF there means it is gone */
+    char buf[64];
+    snprintf(buf, sizeof buf, "{\"m\": \"PID1\", \"pid\": %d}", (int)pid1);
+    say(ctl, buf);
+    int status = 0;
+    while (waitpid(pid1, &status, 0) < 0) {
+        if (errno != EINTR)
+            _exit(EXIT_PROTOCOL);
+    }
+    snprintf(buf, sizeof buf, "{\"m\": \"EXITED\", \"status\": %d}", status);
+    say(ctl, buf);
+    _exit(0);
+}
+
+static PyObject *fork_keeper(PyObject *self, PyObject *args) {
+    int ctl, brk, parent, flags, python_fork;
+    PyObject *close_in_keeper;
+    if (!PyArg_ParseTuple(args, "iiiiOp", &ctl, &brk, &parent, &flags, &close_in_keeper,
+                          &python_fork))
+        return NULL;
+    if (!PyTuple_Check(close_in_keeper) || PyTuple_GET_SIZE(close_in_keeper) > 8) {
+        PyErr_SetString(PyExc_TypeError, "close_in_keeper: a tuple of at most 8 fds");
+        return NULL;
+    }
+    int closing[8];
+    Py_ssize_t n_closing = PyTuple_GET_SIZE(close_in_keeper);
+    for (Py_ssize_t i = 0; i < n_closing; i++) {
+        closing[i] = (int)PyLong_AsLong(PyTuple_GET_ITEM(close_in_keeper, i));
+        if (closing[i] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    /* With other threads alive, the interpreter's own fork protocol (locks taken before,
+     * re-made in PID 1); alone, none of it: no lock can be held by a thread that is not
+     * there, and the GIL, held across fork(), stays with the one thread PID 1 has. */
+    if (python_fork)
+        PyOS_BeforeFork();
+    pid_t pid = fork();
+    if (pid == 0) {
+        for (Py_ssize_t i = 0; i < n_closing; i++)
+            close(closing[i]);
+        n_steps = 0;
+        keeper(ctl, brk, (pid_t)parent, flags); /* returns in PID 1 only */
+        if (python_fork)
+            PyOS_AfterFork_Child();
+        return PyLong_FromLong(0);
+    }
+    int err = errno;
+    if (python_fork)
+        PyOS_AfterFork_Parent();
+    if (pid < 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong((long)pid);
+}
+
+static PyObject *keeper_steps(PyObject *self, PyObject *unused) {
+    PyObject *d = PyDict_New();
+    if (d == NULL)
+        return NULL;
+    for (int i = 0; i < n_steps; i++) {
+        PyObject *v = PyFloat_FromDouble(steps[i].ms);
+        if (v == NULL || PyDict_SetItemString(d, steps[i].name, v) != 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+static PyMethodDef methods[] = {
+    {"fork_keeper", fork_keeper, METH_VARARGS,
+     "fork_keeper(ctl_fd, broker_fd, parent_pid, ns_flags, close_in_keeper, python_fork)"
+     " -> pid\n\nFork the keeper (see the module source). The parent gets the keeper's pid;"
+     " PID 1 of the new PID namespace gets 0. Raises OSError if the first fork fails."},
+    {"keeper_steps", keeper_steps, METH_NOARGS,
+     "keeper_steps() -> {step: ms}: in PID 1, what the keeper's steps took."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_keeper", "The keeper process of a launch, in C.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__keeper(void) { return PyModule_Create(&module); }

@@ -1,0 +1,12 @@
+"""Types of the C extension in _keeper.c (the keeper process of a launch)."""
+
+def fork_keeper(
+    ctl_fd: int,
+    broker_fd: int,
+    parent_pid: int,
+    ns_flags: int,
+    close_in_keeper: tuple[int, ...],
+    python_fork: bool,
+    /,
+) -> int: ...
+def keeper_steps() -> dict[str, float]: ...
