@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
+from forgeone_isolate._sys import libc
 from forgeone_isolate.errors import IsolateError
 
 MAX_MESSAGE: Final = 256 * 1024
@@ -278,7 +279,9 @@ def _serve(
 
     def spawn(spec: dict[str, Any]) -> tuple[int, socket.socket, int | None]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
+        # Single-threaded (as started; a preload could have started a thread): a fork
+        # without the interpreter's after-fork hooks, whose writes copy shared pages.
+        pid = libc.fork_lean() if threading.active_count() == 1 else os.fork()
         if pid == 0:  # the plugin host
             try:
                 signal.set_wakeup_fd(-1)

@@ -48,6 +48,15 @@ class _Channel:
         self.handles: dict[int, int] = {}
         self._next_handle = 1
 
+    def reset(self) -> None:
+        """A fresh channel for the next guest (nothing of a previous one carries over)."""
+        if self.sock is not None:
+            self.sock.detach()  # the descriptor belongs to the process that bound it
+        self.seq = 0
+        self.sock = None
+        self.handles = {}
+        self._next_handle = 1
+
     def bind(self) -> None:
         """In the child, once fd is the broker socket and before the filter: building a
         socket object makes syscalls of its own."""
@@ -222,24 +231,49 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:500]
 
 
+@dataclass
+class _Runtime:
+    """What every guest of a process shares: the engine, and the linker whose shims talk
+    over the one broker channel (PID 1 runs exactly one guest)."""
+
+    engine: wasmtime.Engine
+    linker: wasmtime.Linker
+    channel: _Channel
+
+
+_RUNTIME: _Runtime | None = None
+
+
+def _runtime(broker_fd: int) -> _Runtime:
+    """This process's runtime, made on first use (the fork server makes it at warm-up, so
+    every plugin host inherits it). Its channel starts afresh for each guest."""
+    global _RUNTIME  # noqa: PLW0603 - one per process, by design
+    if _RUNTIME is None or _RUNTIME.channel.fd != broker_fd:
+        engine = make_engine()
+        linker = wasmtime.Linker(engine)
+        channel = _Channel(broker_fd)
+        _define_imports(linker, channel)
+        _RUNTIME = _Runtime(engine, linker, channel)
+    _RUNTIME.channel.reset()
+    return _RUNTIME
+
+
 def prepare(
     serialized: bytes, memory_limit: int, lifecycle: tuple[str, ...], broker_fd: int
 ) -> PreparedGuest:
-    """Engine, deserialised module, store with limits, linker with shims: everything but
-    the guest's own code, which runs (instantiation included: a wasm start function) only
-    after the filter. Called in the parent before the fork (the child inherits the objects,
-    so its setup stays short); the child then calls ``channel.bind()`` before its filter.
+    """Deserialised module and a store with limits, on the process's engine and linker:
+    everything but the guest's own code, which runs (instantiation included: a wasm start
+    function) only after the filter. Called in the parent before the fork (the child
+    inherits the objects, so its setup stays short); the child then calls
+    ``channel.bind()`` before its filter.
     """
-    engine = make_engine()
-    module = wasmtime.Module.deserialize(engine, serialized)
-    store = wasmtime.Store(engine)
+    rt = _runtime(broker_fd)
+    module = wasmtime.Module.deserialize(rt.engine, serialized)
+    store = wasmtime.Store(rt.engine)
     store.set_limits(
         memory_size=memory_limit, table_elements=10_000, instances=1, tables=4, memories=1
     )
-    linker = wasmtime.Linker(engine)
-    channel = _Channel(broker_fd)
-    _define_imports(linker, channel, memory_limit)
-    return PreparedGuest(engine, module, store, linker, channel, memory_limit, lifecycle)
+    return PreparedGuest(rt.engine, module, store, rt.linker, rt.channel, memory_limit, lifecycle)
 
 
 def _mem(caller: wasmtime.Caller) -> wasmtime.Memory | None:
@@ -264,7 +298,7 @@ def _writable(caller: wasmtime.Caller, ptr: int, length: int) -> bool:
     return mem is not None and (ptr & MASK32) + (length & MASK32) <= mem.data_len(caller)
 
 
-def _define_imports(linker: wasmtime.Linker, ch: _Channel, memory_limit: int) -> None:
+def _define_imports(linker: wasmtime.Linker, ch: _Channel) -> None:
     def log(caller: wasmtime.Caller, level: int, ptr: int, length: int) -> int:
         msg = _read(caller, ptr, length, p.MAX_LOG)
         if msg is None:

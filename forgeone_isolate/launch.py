@@ -148,7 +148,7 @@ def run_plan(
     payload_factory: PayloadFactory,
     cgroups: cgroup.CgroupHost,
     on_log: Callable[[int, str], None] | None = None,
-    on_observed: Callable[[dict[str, Any]], None] | None = None,
+    on_observed: Callable[[LaunchResult], None] | None = None,
     audit: AuditLog | None = None,
     kv: KvStore | None = None,
     resolver: Resolver | None = None,
@@ -208,27 +208,32 @@ def run_plan(
     # Built once here, before the fork, so PID 1 only loads it.
     seccomp_filter.filter_for(plan.seccomp_allow, plan.seccomp_min_fd, NOFILE - 1)
     try:
+        # Made before the fork: after it, every page this process writes is copied (the
+        # keeper maps them all too), so the time to our first select() is kept short.
+        sup = _Supervisor(
+            plan, result, broker, pc, witness, -1, ctl_parent, brk_parent, on_observed
+        )
+        sup.commands = commands or RunOnce()
+        sup.t0 = started
         keeper = child_mod.fork_children(
             plan,
             child_mod.ChildChannels(ctl_child, brk_child, devnull),
             (ctl_parent.fileno(), brk_parent.fileno()),
             payload_factory,
         )
+        sup.keeper = keeper
         result.timings["forked_ms"] = round((time.monotonic() - started) * 1000, 3)
         ctl_child.close()
         brk_child.close()
         os.close(devnull)
         devnull = -1
-        sup = _Supervisor(
-            plan, result, broker, pc, witness, keeper, ctl_parent, brk_parent, on_observed
-        )
-        sup.commands = commands or RunOnce()
-        sup.t0 = started
         sup.run()
         keeper = -1
     finally:
         if keeper > 0:
             _kill_and_reap(keeper)
+        if sup is not None:
+            sup.sel.close()  # (run() closes it too; closing twice is harmless)
         with contextlib.suppress(Exception):
             pc.kill()
         if sup is not None and sup.link is not None:
@@ -352,7 +357,7 @@ class _Supervisor:
         keeper: int,
         ctl: socket.socket,
         brk: socket.socket,
-        on_observed: Callable[[dict[str, Any]], None] | None,
+        on_observed: Callable[[LaunchResult], None] | None,
     ) -> None:
         self.plan = plan
         self.result = result
@@ -378,6 +383,9 @@ class _Supervisor:
         self.commands: CommandSource = RunOnce()
         self.last_command: p.Command | None = None  # None: the guest has just started
         self.paused = False
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.ctl, selectors.EVENT_READ, "ctl")
+        self.sel.register(self.brk, selectors.EVENT_READ, "brk")
 
     def kill(self, reason: str) -> None:
         if self.kill_reason is None:
@@ -390,9 +398,7 @@ class _Supervisor:
             self.pc.kill(timeout=1.0)
 
     def run(self) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(self.ctl, selectors.EVENT_READ, "ctl")
-        sel.register(self.brk, selectors.EVENT_READ, "brk")
+        sel = self.sel
         cmd_fd = self.commands.fileno()
         if cmd_fd is not None:
             sel.register(cmd_fd, selectors.EVENT_READ, "cmd")
@@ -570,7 +576,7 @@ class _Supervisor:
                 }
             self.result.isolation = observe.observe(self.pid1)
             if self.on_observed is not None:
-                self.on_observed(self.result.isolation)
+                self.on_observed(self.result)
             self.observed = True
             # From now on a broker call is a context switch: one CPU for the plugin and us
             # (after the /proc read, which ran beside PID 1's instantiation).

@@ -42,7 +42,7 @@ import socket
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from forgeone_isolate import abi, artifacts, cgroup, package, policy, signing, wasm
+from forgeone_isolate import abi, artifacts, cgroup, fds, guest, package, policy, signing, wasm
 from forgeone_isolate import protocol as p
 from forgeone_isolate.audit import AuditLog
 from forgeone_isolate.errors import BadInputError, IsolateError, VerificationError
@@ -186,24 +186,23 @@ def _lease(spec: dict[str, Any]) -> UidLease:
     return lease_uid(Path(spec["lease_dir"]), first, count, hint=int(spec.get("uid_hint", first)))
 
 
-def _plugin_cgroup_dirs(cgroups: cgroup.CgroupHost, instance_id: str) -> list[str]:
-    """The plugin's cgroup leaves run_plan made: ``forgeone/<name>-<instance>...``."""
-    found: list[str] = []
-    for root in cgroups.plugin_roots():
-        with contextlib.suppress(OSError):
-            found += [
-                os.path.join(root, entry)
-                for entry in os.listdir(root)
-                if f"-{instance_id}" in entry
-            ]
-    return sorted(found)
+#: cgroup.detect() by delegated paths: made once in the fork server (warm_up) and inherited
+#: by every plugin host it forks; the hierarchies do not move under a running service.
+_DETECTED: dict[tuple[str, ...], cgroup.CgroupHost] = {}
+
+
+def _cgroups(delegated: tuple[str, ...]) -> cgroup.CgroupHost:
+    found = _DETECTED.get(delegated)
+    if found is None:
+        found = _DETECTED[delegated] = cgroup.detect(delegated=delegated)
+    return found
 
 
 def run_host(spec: dict[str, Any], channel: HostChannel) -> int:
     """Verify, plan and run one plugin; report on ``channel``. Returns the exit status."""
     from forgeone_isolate import child
+    from forgeone_isolate.launch import LaunchResult, record_result, run_plan
     from forgeone_isolate.launch import io_device as launch_io_device
-    from forgeone_isolate.launch import record_result, run_plan
     from forgeone_isolate.plan import build_plan
 
     name = str(spec["name"])
@@ -232,7 +231,7 @@ def run_host(spec: dict[str, Any], channel: HostChannel) -> int:
         eff = policy.effective(manifest.permissions, pol.grant_for(pkg.signer, name), pol.defaults)
         limits = policy.cap_limits(manifest.limits, eff)
         serialized, lifecycle = _compiled(spec, pkg.wasm, manifest.limits.memory_mb)
-        cgroups = cgroup.detect(delegated=tuple(spec.get("delegated", ())))
+        cgroups = _cgroups(tuple(str(d) for d in spec.get("delegated", ())))
     except BadInputError as e:
         channel.send({"ev": "error", "message": str(e), "bad_input": True})
         return 2
@@ -268,12 +267,12 @@ def run_host(spec: dict[str, Any], channel: HostChannel) -> int:
                 }
             )
 
-            def observed(iso: dict[str, Any]) -> None:
+            def observed(launched: LaunchResult) -> None:
                 channel.send(
                     {
                         "ev": "observed",
-                        "isolation": iso,
-                        "cgroups": _plugin_cgroup_dirs(cgroups, plan.instance_id),
+                        "isolation": launched.isolation,
+                        "cgroups": list(launched.cgroup.get("paths", [])),
                     }
                 )
 
@@ -364,8 +363,10 @@ def warm_up() -> None:
     digest = hashlib.sha256(pkg.wasm).hexdigest()
     art = artifacts.Artifact(digest, wasm.compile_serialized(pkg.wasm), ("init",))
     artifacts.decode(bytes(32), artifacts.encode(bytes(32), art), digest)
+    # The engine and the linker with the shims, shared by every host (guest._runtime)
+    guest.prepare(art.serialized, 16 << 20, ("init",), fds.BROKER_FD)
     build_plan(pkg.manifest, pkg.signer, 1, ("init",), eff, limits, 0)
-    cgroup.detect()
+    _cgroups(())
     json.loads(json.dumps({"ev": "warm", "output": base64.b64encode(b"warm").decode()}))
     sqlite3.connect(":memory:").close()
 
