@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import ipaddress
 import json
 import math
@@ -297,6 +298,36 @@ def sweep_stale_cgroups(cgroups: cgroup.CgroupHost) -> list[str]:
     return removed
 
 
+def isolation_gaps(iso: dict[str, Any], plan: SandboxPlan) -> list[str]:
+    """What the parent's /proc reading of PID 1 shows missing from the plan (empty: none).
+
+    Checked before PID 1 may run any lifecycle export: every namespace of the plan
+    unshared, seccomp in filter mode, no_new_privs set, no capability in any set, and
+    uid/gid 0 mapped to the plan's host ids only.
+    """
+    gaps: list[str] = []
+    seen = iso.get("namespaces", {})
+    missing = [n for n in plan.namespaces if seen.get(n) is not True]
+    if missing:
+        gaps.append("namespaces not unshared: " + ",".join(missing))
+    if iso.get("seccomp") != 2:
+        gaps.append(f"seccomp mode {iso.get('seccomp')}, not 2 (filter)")
+    if iso.get("no_new_privs") != 1:
+        gaps.append(f"no_new_privs {iso.get('no_new_privs')}")
+    for key in ("cap_eff", "cap_prm", "cap_inh", "cap_bnd", "cap_amb"):
+        value = str(iso.get(key, ""))
+        try:
+            held = int(value, 16)
+        except ValueError:
+            held = -1
+        if held != 0:
+            gaps.append(f"{key} {value or '?'}")
+    for key, host_id in (("uid_map", plan.host_uid), ("gid_map", plan.host_gid)):
+        if iso.get(key) != ["0", str(host_id), "1"]:
+            gaps.append(f"{key} {' '.join(iso.get(key) or []) or '?'}, not 0 {host_id} 1")
+    return gaps
+
+
 def _peer_gone(sock: socket.socket) -> bool:
     """After a zero-length read: the child hung up (EOF), or sent an empty message?"""
     poller = select.poll()
@@ -575,6 +606,15 @@ class _Supervisor:
                     if isinstance(v, int | float)
                 }
             self.result.isolation = observe.observe(self.pid1)
+            gaps = isolation_gaps(self.result.isolation, self.plan)
+            if gaps:  # seen from outside, not as planned: the plugin's code does not run
+                self.step_failed = {
+                    "step": "observe",
+                    "errno": errno.EPERM,
+                    "message": "isolation not as planned: " + "; ".join(gaps),
+                }
+                self.kill("setup failed")
+                return True
             if self.on_observed is not None:
                 self.on_observed(self.result)
             self.observed = True

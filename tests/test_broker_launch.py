@@ -35,9 +35,12 @@ from forgeone_isolate import cgroup, child, fds, netns, package, policy, signing
 from forgeone_isolate import protocol as p
 from forgeone_isolate.audit import AuditLog, verify
 from forgeone_isolate.broker import MAX_RATE_DENIALS, MAX_VIOLATIONS
+from forgeone_isolate.errors import SetupError
 from forgeone_isolate.kvstore import KvStore
 from forgeone_isolate.launch import MAX_KEPT_LOGS, LaunchResult, run_plan
+from forgeone_isolate.manifest import Limits, Manifest, Permissions
 from forgeone_isolate.plan import build_plan
+from forgeone_isolate.semver import Version
 from forgeone_isolate.uidpool import UidLease, default_lease_dir, lease_uid
 
 pytestmark = [
@@ -903,3 +906,84 @@ def test_fake_child_empty_message_is_a_violation_not_end_of_channel(launcher: La
     assert res.status == "ok", res.reason
     assert res.broker["violations"] == 1
     assert run.denials()[-1]["op"] == "malformed"
+
+
+# ------------------------------------------------------------ the parent's check of what it saw
+
+
+def test_a_launch_whose_observed_isolation_falls_short_never_runs_the_plugin(
+    launcher: Launcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent reads /proc/<PID 1> after the filter; if what it sees is not the plan
+    (here: as if seccomp were off), the plugin is killed before any lifecycle export and
+    the launch fails naming what was missing. Nothing is left behind (cgroups: fixture)."""
+    from forgeone_isolate import observe
+
+    real = observe.observe
+
+    def tampered(pid: int) -> dict[str, Any]:
+        seen = real(pid)
+        return {**seen, "seccomp": 0, "cap_eff": "0000000000200000"}
+
+    wat = module(
+        "(drop (call $log (i32.const 2) (i32.const 0) (i32.const 2))) (i32.const 0)", {0: b"hi"}
+    )
+    control = launcher.run("observed", wat)  # untampered, the same guest logs (and is audited)
+    assert control.result.status == "ok", control.result.reason
+    assert "log" in [r["op"] for r in _records(control.audit_path)]
+    monkeypatch.setattr(observe, "observe", tampered)
+    with pytest.raises(SetupError) as caught:
+        launcher.run("unobserved", wat)
+    assert caught.value.step == "observe"
+    assert "seccomp mode 0, not 2" in caught.value.message
+    assert "cap_eff 0000000000200000" in caught.value.message
+    # the guest's start (which logs) never ran: no call reached the broker
+    audit = launcher.state / "audit" / f"{PREFIX}unobserved.jsonl"
+    assert "log" not in [r["op"] for r in _records(audit)]
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_isolation_gaps_names_each_missing_layer() -> None:
+    from forgeone_isolate.launch import isolation_gaps
+
+    plan = build_plan(
+        Manifest(
+            name="gaps",
+            version=Version.parse("1.0.0"),
+            abi=1,
+            entry="plugin.wasm",
+            files={"plugin.wasm": "0" * 64},
+            permissions=Permissions(),
+            limits=Limits(memory_mb=16, timeout_s=5),
+        ),
+        "f" * 64,
+        1_500_000_000,
+        (),
+        policy.Effective(),
+    )
+    good: dict[str, Any] = {
+        "namespaces": dict.fromkeys(plan.namespaces, True),
+        "seccomp": 2,
+        "no_new_privs": 1,
+        **dict.fromkeys(("cap_eff", "cap_prm", "cap_inh", "cap_bnd", "cap_amb"), "0" * 16),
+        "uid_map": ["0", str(plan.host_uid), "1"],
+        "gid_map": ["0", str(plan.host_gid), "1"],
+    }
+    assert isolation_gaps(good, plan) == []
+    cases = {
+        "namespaces not unshared: net": {"namespaces": {**good["namespaces"], "net": False}},
+        "seccomp mode 0": {"seccomp": 0},
+        "no_new_privs 0": {"no_new_privs": 0},
+        "cap_bnd 000001ffffffffff": {"cap_bnd": "000001ffffffffff"},
+        "cap_amb ?": {"cap_amb": ""},
+        "uid_map 0 0 4294967295": {"uid_map": ["0", "0", "4294967295"]},
+        "gid_map ?": {"gid_map": []},
+    }
+    for expected, change in cases.items():
+        gaps = isolation_gaps({**good, **change}, plan)
+        assert len(gaps) == 1, (expected, gaps)
+        assert gaps[0].startswith(expected), (expected, gaps)
+    assert len(isolation_gaps({}, plan)) == 10  # nothing seen at all: every check fails
