@@ -388,3 +388,23 @@ def one_line(err: str) -> str:
     assert "Traceback" not in err
     assert err.endswith("\n")
     return lines[0]
+
+
+def make_plan(name: str = "seq", host_uid: int = 1_500_000_000) -> Any:
+    """A SandboxPlan for a 16 MiB, 5 s plugin with ``start`` and no permissions (the
+    sequence tests and the isolation check use it; nothing is launched)."""
+    from forgeone_isolate import policy
+    from forgeone_isolate.manifest import Limits, Manifest, Permissions
+    from forgeone_isolate.plan import build_plan
+    from forgeone_isolate.semver import Version
+
+    manifest = Manifest(
+        name=name,
+        version=Version.parse("1.0.0"),
+        abi=1,
+        entry="plugin.wasm",
+        files={"plugin.wasm": "0" * 64},
+        permissions=Permissions(),
+        limits=Limits(memory_mb=16, timeout_s=5),
+    )
+    return build_plan(manifest, "f" * 64, host_uid, ("start",), policy.Effective())

@@ -30,6 +30,7 @@ import pytest
 from conftest import time_scale
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from guestgen import PRELUDE, Guest, results, write_plugin  # tests/ is on sys.path
+from helpers import make_plan
 
 from forgeone_isolate import cgroup, child, fds, netns, package, policy, signing, wasm
 from forgeone_isolate import protocol as p
@@ -38,9 +39,7 @@ from forgeone_isolate.broker import MAX_RATE_DENIALS, MAX_VIOLATIONS
 from forgeone_isolate.errors import SetupError
 from forgeone_isolate.kvstore import KvStore
 from forgeone_isolate.launch import MAX_KEPT_LOGS, LaunchResult, run_plan
-from forgeone_isolate.manifest import Limits, Manifest, Permissions
 from forgeone_isolate.plan import build_plan
-from forgeone_isolate.semver import Version
 from forgeone_isolate.uidpool import UidLease, default_lease_dir, lease_uid
 
 pytestmark = [
@@ -949,21 +948,7 @@ def _records(path: Path) -> list[dict[str, Any]]:
 def test_isolation_gaps_names_each_missing_layer() -> None:
     from forgeone_isolate.launch import isolation_gaps
 
-    plan = build_plan(
-        Manifest(
-            name="gaps",
-            version=Version.parse("1.0.0"),
-            abi=1,
-            entry="plugin.wasm",
-            files={"plugin.wasm": "0" * 64},
-            permissions=Permissions(),
-            limits=Limits(memory_mb=16, timeout_s=5),
-        ),
-        "f" * 64,
-        1_500_000_000,
-        (),
-        policy.Effective(),
-    )
+    plan = make_plan("gaps")
     good: dict[str, Any] = {
         "namespaces": dict.fromkeys(plan.namespaces, True),
         "seccomp": 2,

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from helpers import make_plan  # tests/ is on sys.path
 
-from forgeone_isolate import caps, child, fds, markers, mounts, ns, policy
+from forgeone_isolate import caps, child, fds, markers, mounts, ns
 from forgeone_isolate._sys.libc import (
     CLONE_NEWCGROUP,
     CLONE_NEWIPC,
@@ -39,9 +40,7 @@ from forgeone_isolate._sys.libc import (
     MS_REMOUNT,
 )
 from forgeone_isolate.kernel import RecordingKernel
-from forgeone_isolate.manifest import Limits, Manifest, Permissions
-from forgeone_isolate.plan import SandboxPlan, build_plan
-from forgeone_isolate.semver import Version
+from forgeone_isolate.plan import SandboxPlan
 
 HOST_UID = 1_500_000_000
 DEVNULL_FD = 77  # the kernel is a recording: this number is only ever recorded
@@ -49,19 +48,6 @@ NS_ALL_BUT_CGROUP = (
     CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
 )
 VM_SIZE = 123 * 4096  # what the parent read in /proc/<pid 1>/status, sent with PLACED
-
-
-def make_plan() -> SandboxPlan:
-    manifest = Manifest(
-        name="seq",
-        version=Version.parse("1.0.0"),
-        abi=1,
-        entry="plugin.wasm",
-        files={"plugin.wasm": "0" * 64},
-        permissions=Permissions(),
-        limits=Limits(memory_mb=16, timeout_s=5),
-    )
-    return build_plan(manifest, "f" * 64, HOST_UID, ("start",), policy.Effective())
 
 
 @dataclass
@@ -463,8 +449,8 @@ def test_keeper_of_a_parent_already_gone_does_nothing() -> None:
 
 
 def test_fork_lean_forks_without_the_interpreters_after_fork_hooks() -> None:
-    """The keeper and PID 1 are forked by fork_lean: a real fork (own pid, the child's exit
-    status reaches the parent) in which Python's after-fork hooks do not run."""
+    """The fork server forks plugin hosts with fork_lean: a real fork (own pid, the child's
+    exit status reaches the parent) in which Python's after-fork hooks do not run."""
     from forgeone_isolate._sys import libc
 
     ran: list[int] = []

@@ -246,10 +246,10 @@ def fork_lean() -> int:
     ``os.fork`` runs the interpreter's after-fork hooks in the child (thread states,
     ``threading``'s bookkeeping, ``random``'s reseed, the logging locks): Python code that
     writes to hundreds of inherited pages, each a copy-on-write fault, about 0.6 ms and
-    ~0.8 MiB of private memory per fork here. Only for a single-threaded caller whose
-    child runs a short, known path and leaves by ``os._exit`` (the sandbox's keeper and
-    PID 1): with one thread there is no lock another thread could hold, and the GIL, held
-    across the call, stays with the one thread the child has.
+    ~0.3 MiB of private memory per fork here. Only for a single-threaded caller (the fork
+    server, forking plugin hosts): with one thread there is no lock another thread could
+    hold, and the GIL, held across the call, stays with the one thread the child has.
+    ``random``'s state is not reseeded: nothing here draws secrets from it.
 
     Raises: OSError (EAGAIN, ENOMEM) when the kernel refuses the fork.
     """
