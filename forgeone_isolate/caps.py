@@ -47,11 +47,17 @@ def last_cap() -> int:
     return LAST_CAP
 
 
-def drop_all_capabilities(k: Kernel, last: int) -> None:
-    """Child: securebits locked; bounding, ambient, effective, permitted, inheritable empty."""
+def lock_and_drop_bounding(k: Kernel, last: int) -> None:
+    """Child: securebits locked, then the bounding set emptied. What the process holds now
+    (effective, permitted) is untouched: it can still unshare its cgroup namespace."""
     k.set_securebits(SECUREBITS_LOCKED)
     for cap in range(last + 1):
         k.capbset_drop(cap)
+
+
+def clear_capability_sets(k: Kernel) -> None:
+    """Child: ambient, then effective, permitted and inheritable emptied (after
+    :func:`lock_and_drop_bounding`, so nothing can come back)."""
     k.clear_ambient_caps()
     k.capset_clear()
 

@@ -167,6 +167,8 @@ def sandbox_sequence(
         program = seccomp_filter.filter_for(
             plan.seccomp_allow, plan.seccomp_min_fd, plan_mod.NOFILE - 1
         )  # built by the parent before the fork (see launch.run_plan): here, a lookup
+    with step("capabilities"):  # the bounding set before the wait: nothing held changes yet
+        caps.lock_and_drop_bounding(k, caps.last_cap())
     # Wait to be placed in the plugin's cgroup: the parent attached it while all of the
     # above ran (a first attach to a new cgroup can take milliseconds).
     markers.send(control, markers.READY)
@@ -185,13 +187,13 @@ def sandbox_sequence(
         limits.append(("as", address_space, address_space))
         rlimits.apply_rlimits(k, limits)
     with step("capabilities"):
-        caps.drop_all_capabilities(k, caps.last_cap())
+        caps.clear_capability_sets(k)
     with step("no_new_privs"):
         caps.apply_no_new_privs(k)
     with step("seccomp"):
         k.load_seccomp(program)  # last: after it, nothing can be set up any more
     markers.send(control, markers.FILTERED, steps=STEP_MS)
-    if isinstance(payload, guest.PreparedGuest) and not os.environ.get("NOEARLY"):
+    if isinstance(payload, guest.PreparedGuest):
         # Everything is in place: make the instance while the parent reads /proc (a start
         # function may run; a lifecycle export runs only once the parent has observed).
         payload.instantiate()

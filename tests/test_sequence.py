@@ -146,6 +146,9 @@ def test_sandbox_sequence_exact_order(monkeypatch: pytest.MonkeyPatch, channels:
         ("close_range", (fds.CONTROL_FD + 1,)),
         # the payload is prepared (with its channels in place) before any door closes
         ("payload_factory", ()),
+        # securebits locked and the bounding set emptied while the parent places us
+        ("set_securebits", (caps.SECUREBITS_LOCKED,)),
+        *[("capbset_drop", (cap,)) for cap in range(last + 1)],
         # READY -> PLACED: now in its cgroup, PID 1 roots a cgroup namespace there
         ("unshare", (CLONE_NEWCGROUP,)),
         # rlimits from the plan, then the address space last
@@ -155,9 +158,7 @@ def test_sandbox_sequence_exact_order(monkeypatch: pytest.MonkeyPatch, channels:
         ("setrlimit", (resource.RLIMIT_MSGQUEUE, 0, 0)),
         ("setrlimit", (resource.RLIMIT_CPU, plan.timeout_s + 1, plan.timeout_s + 2)),
         as_limit,
-        # capabilities: securebits locked, bounding set cap by cap, ambient, the rest
-        ("set_securebits", (caps.SECUREBITS_LOCKED,)),
-        *[("capbset_drop", (cap,)) for cap in range(last + 1)],
+        # capabilities: ambient, then effective, permitted and inheritable
         ("clear_ambient_caps", ()),
         ("capset_clear", ()),
         ("set_no_new_privs", ()),
