@@ -242,6 +242,7 @@ class VerifiedPackage:
     signer: str
     files: dict[str, bytes]
     digest: str  # sha256 of the package bytes
+    manifest_bytes: bytes = b""  # the exact bytes the signature covers
 
     @property
     def wasm(self) -> bytes:
@@ -295,7 +296,9 @@ def verify_bytes(data: bytes, trust: signing.TrustStore) -> VerifiedPackage:
             raise VerificationError(
                 f"package: sha256 of {name!r} is {actual[:16]}…, the manifest says {digest[:16]}…"
             )
-    return VerifiedPackage(manifest, sig.fingerprint, payload, hashlib.sha256(data).hexdigest())
+    return VerifiedPackage(
+        manifest, sig.fingerprint, payload, hashlib.sha256(data).hexdigest(), manifest_bytes
+    )
 
 
 def verify_file(path: Path, trust: signing.TrustStore) -> VerifiedPackage:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from forgeone_isolate import abi, artifacts, cgroup, fds, guest, package, policy, signing, wasm
+from forgeone_isolate import manifest as mf
 from forgeone_isolate import protocol as p
 from forgeone_isolate.audit import AuditLog
 from forgeone_isolate.errors import BadInputError, IsolateError, VerificationError
@@ -198,6 +199,49 @@ def _cgroups(delegated: tuple[str, ...]) -> cgroup.CgroupHost:
     return found
 
 
+def _verified(spec: dict[str, Any], name: str) -> tuple[mf.Manifest, str, bytes, tuple[str, ...]]:
+    """The plugin's manifest, signer, compiled module and lifecycle exports.
+
+    The service verified the stored package for this start (signature, signer trusted and
+    not revoked, every hash) and sends its manifest, signer and module digest; with the
+    service's HMAC'd artifact of that very module nothing more is needed. Otherwise (no
+    such artifact) the package is read and verified here, and the module compiled.
+
+    Raises: VerificationError, PackageError, ManifestError, WasmError.
+    """
+    verified = spec.get("verified")
+    if isinstance(verified, dict) and spec.get("artifact") and spec.get("artifact_key"):
+        manifest = mf.parse_manifest(str(verified["manifest"]).encode())
+        found = artifacts.load_artifact(
+            Path(spec["artifact"]),
+            bytes.fromhex(spec["artifact_key"]),
+            str(verified["wasm_sha256"]),
+        )
+        if found is not None:
+            _check_name(manifest, name)
+            return manifest, str(verified["signer"]), found.serialized, found.lifecycle
+    if "trusted" in spec:  # the service's trust store, already read (no key parsing here)
+        trust = signing.TrustStore(
+            frozenset(spec["trusted"]), frozenset(spec.get("revoked", ())), str(spec["trust"])
+        )
+    else:
+        trust = signing.TrustStore.load(Path(spec["trust"]))
+    data = package.read_bounded_file(Path(spec["package"]))
+    if hashlib.sha256(data).hexdigest() != spec["sha256"]:
+        raise VerificationError(
+            f"stored package {spec['package']} does not hash to its registry digest"
+        )
+    pkg = package.verify_bytes(data, trust)
+    _check_name(pkg.manifest, name)
+    serialized, lifecycle = _compiled(spec, pkg.wasm, pkg.manifest.limits.memory_mb)
+    return pkg.manifest, pkg.signer, serialized, lifecycle
+
+
+def _check_name(manifest: mf.Manifest, name: str) -> None:
+    if manifest.name != name:
+        raise VerificationError(f"stored package names {manifest.name!r}, not {name!r}")
+
+
 def run_host(spec: dict[str, Any], channel: HostChannel) -> int:
     """Verify, plan and run one plugin; report on ``channel``. Returns the exit status."""
     from forgeone_isolate import child
@@ -208,29 +252,14 @@ def run_host(spec: dict[str, Any], channel: HostChannel) -> int:
     name = str(spec["name"])
     state_dir = Path(spec["state_dir"])
     try:
-        if "trusted" in spec:  # the service's trust store, already read (no key parsing here)
-            trust = signing.TrustStore(
-                frozenset(spec["trusted"]), frozenset(spec.get("revoked", ())), str(spec["trust"])
-            )
-        else:
-            trust = signing.TrustStore.load(Path(spec["trust"]))
-        data = package.read_bounded_file(Path(spec["package"]))
-        if hashlib.sha256(data).hexdigest() != spec["sha256"]:
-            raise VerificationError(
-                f"stored package {spec['package']} does not hash to its registry digest"
-            )
-        pkg = package.verify_bytes(data, trust)
-        manifest = pkg.manifest
-        if manifest.name != name:
-            raise VerificationError(f"stored package names {manifest.name!r}, not {name!r}")
+        manifest, signer, serialized, lifecycle = _verified(spec, name)
         pol = (
             policy.Policy.load(Path(spec["policy"]))
             if spec.get("policy")
             else policy.Policy.deny_all()
         )
-        eff = policy.effective(manifest.permissions, pol.grant_for(pkg.signer, name), pol.defaults)
+        eff = policy.effective(manifest.permissions, pol.grant_for(signer, name), pol.defaults)
         limits = policy.cap_limits(manifest.limits, eff)
-        serialized, lifecycle = _compiled(spec, pkg.wasm, manifest.limits.memory_mb)
         cgroups = _cgroups(tuple(str(d) for d in spec.get("delegated", ())))
     except BadInputError as e:
         channel.send({"ev": "error", "message": str(e), "bad_input": True})
@@ -247,7 +276,7 @@ def run_host(spec: dict[str, Any], channel: HostChannel) -> int:
         ):
             plan = build_plan(
                 manifest,
-                pkg.signer,
+                signer,
                 lease.uid,
                 lifecycle,
                 eff,

@@ -59,6 +59,7 @@ from forgeone_isolate.errors import (
     EXIT_PLUGIN_FAILED,
     BadInputError,
     IsolateError,
+    VerificationError,
 )
 from forgeone_isolate.forkserver import ForkServer, ForkServerError, Spawned
 from forgeone_isolate.registry import Candidate, Registry, RegistryError
@@ -835,8 +836,21 @@ class Service:
         if cfg.cgroup_delegated:
             delegated = sorted(_own_cgroups())
         trust = self.trust()
-        artifact = self._artifact_for(row.name, row.sha256, row.wasm_sha256, trust)
+        # Verified for every start, here where it is cheap (this process is warm; a new
+        # plugin host would copy every page the verification touches): the signature over
+        # the stored bytes, the signer trusted and not revoked now, every member's hash.
+        stored = self._reg().package_path(row.sha256)
+        data = package.read_bounded_file(stored)
+        if hashlib.sha256(data).hexdigest() != row.sha256:  # before parsing a byte of it
+            raise VerificationError(f"stored package {stored} does not hash to its registry digest")
+        pkg = package.verify_bytes(data, trust)
+        artifact = self._artifact_for(row.name, row.sha256, row.wasm_sha256, trust, pkg)
         return {
+            "verified": {
+                "manifest": pkg.manifest_bytes.decode("utf-8"),
+                "signer": pkg.signer,
+                "wasm_sha256": hashlib.sha256(pkg.wasm).hexdigest(),
+            },
             "name": name,
             "package": str(self._reg().package_path(row.sha256)),
             "sha256": row.sha256,
@@ -892,13 +906,18 @@ class Service:
         return trust
 
     def _artifact_for(
-        self, name: str, sha256: str, wasm_sha256: str, trust: signing.TrustStore
+        self,
+        name: str,
+        sha256: str,
+        wasm_sha256: str,
+        trust: signing.TrustStore,
+        verified: package.VerifiedPackage | None = None,
     ) -> Path:
         """The compiled module of an installed package (compiled now if it is missing)."""
         store = self._store()
         if wasm_sha256 and store.known_good(wasm_sha256):
             return store.path_for(wasm_sha256)
-        pkg = package.verify_file(self._reg().package_path(sha256), trust)
+        pkg = verified or package.verify_file(self._reg().package_path(sha256), trust)
         info = wasm.check_module(pkg.wasm, pkg.manifest.limits.memory_mb)
         path = store.ensure(pkg.wasm, info.lifecycle)
         if not wasm_sha256:
@@ -1149,7 +1168,11 @@ class Service:
             if inst is None or inst.stop_requested:
                 if inst is not None:
                     self._stop_instance(inst, self.config.stop_timeout_s)
-                inst = self._launch(name)
+                try:
+                    inst = self._launch(name)
+                except BadInputError as e:  # refused before any process: failed, audited
+                    self._failure(rt, None, f"start refused: {e}", permanent=True)
+                    raise
         inst = self._until_running(rt, inst, time.monotonic() + START_TIMEOUT_S)
         if inst.paused:
             self._command(inst, "resume")

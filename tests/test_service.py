@@ -664,7 +664,10 @@ try:
 except OSError as e:
     print(json.dumps({"connect_error": e.errno}))
     raise SystemExit(0)
-s.sendall(b'{"op": "list"}\n')
+try:
+    s.sendall(b'{"op": "list"}\n')
+except (BrokenPipeError, ConnectionResetError):
+    pass  # an unauthorised peer is answered and closed at once: the reply is waiting
 print(s.makefile("rb").readline().decode().strip() or "{}")
 """
 
