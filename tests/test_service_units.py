@@ -415,3 +415,66 @@ def tempfile_dir() -> str:
     import tempfile
 
     return tempfile.gettempdir()
+
+
+def test_host_takes_the_services_verification_only_with_a_matching_artifact(
+    tmp_path: Path,
+) -> None:
+    """pluginhost._verified: the service's verified manifest + the HMAC'd artifact of that
+    module digest -> used as is; a wrong digest, no artifact or a bad key -> the host reads
+    and verifies the stored package itself (and a tampered one is refused)."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from forgeone_isolate import artifacts, package, signing, wasm
+    from forgeone_isolate.errors import VerificationError
+    from forgeone_isolate.pluginhost import _verified
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "plugin.wasm").write_bytes(
+        wasm.wat_to_wasm(
+            '(module (memory (export "memory") 1) (func (export "init") (result i32) (i32.const 0)))'
+        )
+    )
+    (src / "manifest.json").write_text(
+        json.dumps({"name": "hv", "version": "1.0.0", "abi": 1, "entry": "plugin.wasm"})
+    )
+    key = Ed25519PrivateKey.generate()
+    data = package.build_package(src, key)
+    stored = tmp_path / "p.forgepkg"
+    stored.write_bytes(data)
+    fp = signing.fingerprint(key.public_key())
+    pkg = package.verify_bytes(data, signing.TrustStore(frozenset({fp}), frozenset(), "t"))
+    store = artifacts.ArtifactStore(tmp_path / "artifacts")
+    path = store.ensure(pkg.wasm, ("init",))
+    digest = hashlib.sha256(pkg.wasm).hexdigest()
+    spec: dict[str, object] = {
+        "verified": {
+            "manifest": pkg.manifest_bytes.decode(),
+            "signer": fp,
+            "wasm_sha256": digest,
+        },
+        "artifact": str(path),
+        "artifact_key": store.key.hex(),
+        "package": str(stored),
+        "sha256": pkg.digest,
+        "trust": "t",
+        "trusted": [fp],
+        "revoked": [],
+    }
+    manifest, signer, serialized, lifecycle = _verified(spec, "hv")
+    assert (manifest.name, signer, lifecycle) == ("hv", fp, ("init",))
+    assert serialized == artifacts.load_artifact(path, store.key, digest).serialized
+    # Without the service's word (or with a digest no artifact matches), the host verifies:
+    # a stored package that does not hash to the registry's digest is refused.
+    stored.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    for bent in ({"verified": None}, {"verified": {**spec["verified"], "wasm_sha256": "0" * 64}}):
+        with pytest.raises(VerificationError, match="does not hash to its registry digest"):
+            _verified({**spec, **bent}, "hv")
+    stored.write_bytes(data)
+    manifest, signer, _, _ = _verified({**spec, "verified": None}, "hv")
+    assert (manifest.name, signer) == ("hv", fp)
+    with pytest.raises(VerificationError, match="names 'hv', not 'other'"):
+        _verified(spec, "other")
