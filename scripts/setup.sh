@@ -27,7 +27,7 @@ fi
 PY=${PYTHON:-python3}
 stamp=.venv/.forgeone-setup
 if [[ ! -x .venv/bin/python || ! -f $stamp || pyproject.toml -nt $stamp
-      || forgeone_isolate/_sys/_keeper.c -nt $stamp ]]; then
+      || setup.py -nt $stamp || forgeone_isolate/_sys/_keeper.c -nt $stamp ]]; then
   "$PY" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[dev]'
