@@ -85,29 +85,45 @@ def fork_children(
     chans: ChildChannels,
     close_in_keeper: tuple[int, ...],
     payload_factory: Callable[[], Callable[[], int]],
-) -> int:
+    cgroup_fd: int = -1,
+) -> tuple[int, bool]:
     """Fork the keeper (in C: ``_sys/_keeper.c``), which unshares, is mapped, forks PID 1
-    and waits for it. Returns the keeper's pid; in PID 1, runs the sandbox and never returns.
+    and waits for it. Returns the keeper's pid and whether it was born in the cgroup v2
+    directory ``cgroup_fd`` (-1: none; then the parent attaches it); in PID 1, runs the
+    sandbox and never returns.
 
     ``close_in_keeper``: the parent's ends of the channels. With other threads alive the
-    interpreter's fork protocol runs (as ``os.fork``'s); alone, the fork is lean.
+    interpreter's fork protocol runs (as ``os.fork``'s) and the keeper is always attached
+    by the parent; alone, the fork is lean.
 
     Raises: OSError when the first fork fails.
     """
     flags = ns.flags_for(n for n in plan.namespaces if n != "cgroup")
-    pid = _keeper.fork_keeper(
+    python_threads = threading.active_count() > 1
+    if cgroup_fd >= 0 and (python_threads or _task_count() != 1):
+        cgroup_fd = -1  # the raw clone3 is for a process of one thread only (see _keeper.c)
+    pid, placed = _keeper.fork_keeper(
         chans.control.fileno(),
         chans.broker.fileno(),
         os.getpid(),
         flags,
         close_in_keeper,
-        threading.active_count() > 1,
+        python_threads,
+        cgroup_fd,
     )
     if pid == 0:  # PID 1 of the new PID namespace
         STEP_MS.clear()
         STEP_MS.update({k: round(v, 3) for k, v in _keeper.keeper_steps().items()})
         _plugin_main(RealKernel(), plan, chans, payload_factory)
-    return pid
+    return pid, placed
+
+
+def _task_count() -> int:
+    """How many threads the kernel counts in this process (native ones included)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0  # unknown: treated as not single-threaded
 
 
 def _report(ctl: socket.socket, e: StepFailed) -> None:

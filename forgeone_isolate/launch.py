@@ -216,12 +216,19 @@ def run_plan(
         )
         sup.commands = commands or RunOnce()
         sup.t0 = started
-        keeper = child_mod.fork_children(
-            plan,
-            child_mod.ChildChannels(ctl_child, brk_child, devnull),
-            (ctl_parent.fileno(), brk_parent.fileno()),
-            payload_factory,
-        )
+        # On cgroup v2 the keeper is born in the plugin's cgroup (clone3 CLONE_INTO_CGROUP)
+        cgroup_fd = _cgroup_dir_fd(pc)
+        try:
+            keeper, sup.keeper_placed = child_mod.fork_children(
+                plan,
+                child_mod.ChildChannels(ctl_child, brk_child, devnull),
+                (ctl_parent.fileno(), brk_parent.fileno()),
+                payload_factory,
+                cgroup_fd,
+            )
+        finally:
+            if cgroup_fd >= 0:
+                os.close(cgroup_fd)
         sup.keeper = keeper
         result.timings["forked_ms"] = round((time.monotonic() - started) * 1000, 3)
         ctl_child.close()
@@ -296,6 +303,17 @@ def sweep_stale_cgroups(cgroups: cgroup.CgroupHost) -> list[str]:
             os.rmdir(path)
             removed.append(path)
     return removed
+
+
+def _cgroup_dir_fd(pc: cgroup.PluginCgroup) -> int:
+    """A descriptor of the plugin's cgroup v2 directory, to fork the keeper into; -1 on
+    v1 (or none), where the parent attaches it."""
+    if pc.version != "v2" or not pc.paths:
+        return -1
+    try:
+        return os.open(pc.paths[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return -1  # attached the usual way; a real problem shows there
 
 
 def isolation_gaps(iso: dict[str, Any], plan: SandboxPlan) -> list[str]:
@@ -400,6 +418,7 @@ class _Supervisor:
         self.brk = brk
         self.on_observed = on_observed
         self.pid1 = -1
+        self.keeper_placed = False  # born in the plugin's cgroup (v2: CLONE_INTO_CGROUP)
         self.vm_size = 0
         self.link: Any = None  # netns.PluginLink once set up
         self.netns_fd = -1
@@ -563,7 +582,9 @@ class _Supervisor:
             self._mark("mapped_ms")
             # Join the cgroup now, while the children set up: a first attach to a new
             # cgroup costs milliseconds. PID 1 waits for PLACED before it confines itself.
-            self.attach(self.keeper)
+            # (Born there on cgroup v2: nothing to do.)
+            if not self.keeper_placed:
+                self.attach(self.keeper)
             self._mark("keeper_attached_ms")
         elif m == markers.PID1 and isinstance(msg.get("pid"), int) and self.pid1 <= 0:
             self.pid1 = int(msg["pid"])
@@ -593,7 +614,8 @@ class _Supervisor:
             # PID 1 may speak before the keeper has told us its pid: hold it until then
             self.early.append(msg)
         elif m == markers.READY:
-            self.attach(self.pid1)  # the keeper may have forked it before its own attach
+            if not self.keeper_placed:  # (else born in the cgroup, as the keeper was)
+                self.attach(self.pid1)  # the keeper may have forked it before its own attach
             if self.step_failed is None:
                 self._send_marker(markers.PLACED, vm_size=self.vm_size)
                 self._mark("placed_ms")

@@ -321,26 +321,62 @@ def _recv_within(sock: socket.socket, timeout: float = 10.0) -> dict[str, Any] |
     return markers.recv(sock)
 
 
+@dataclass
+class KeeperRun:
+    got: list[dict[str, Any]]  # the markers received
+    report: dict[str, Any]  # what PID 1 said on the broker channel ({} if it never ran)
+    status: int  # the keeper's wait status
+    keeper_cgroup: str  # its cgroup v2 path, read while it waited for MAPPED
+    placed: bool  # fork_keeper said it was born in the cgroup directory given
+
+
+def _v2_cgroup(pid: int | str) -> str:
+    with open(f"/proc/{pid}/cgroup") as f:
+        return next((ln.split(":", 2)[2].strip() for ln in f if ln.startswith("0::")), "")
+
+
+def _in_a_one_thread_process(cgroup_dir: str) -> KeeperRun:
+    """_run_keeper(cgroup_fd=...) in a forked child: the raw clone3 is only for a process
+    of one thread (as fork_children ensures), which this test process may not be."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the one-thread child
+        try:
+            fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            assert child._task_count() == 1
+            run = _run_keeper(cgroup_fd=fd)
+            os.write(w, json.dumps(run.__dict__).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    assert data, "the one-thread child reported nothing"
+    return KeeperRun(**json.loads(data))
+
+
 def _run_keeper(
     flags: int = NS_ALL_BUT_CGROUP,
     reply: str = markers.MAPPED,
     parent_pid: int | None = None,
     pid1_exit: int = 0,
-) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
+    cgroup_fd: int = -1,
+) -> KeeperRun:
     """Fork the real (C) keeper; play the supervisor (write its id maps, answer MAPPED with
-    ``reply``). PID 1 reports what it sees on the broker channel and exits ``pid1_exit``.
-    Returns the markers received, PID 1's report, and the keeper's wait status."""
+    ``reply``). PID 1 reports what it sees on the broker channel and exits ``pid1_exit``."""
     from forgeone_isolate._sys import _keeper
 
     ctl_parent, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     brk_parent, brk_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    keeper = _keeper.fork_keeper(
+    keeper, placed = _keeper.fork_keeper(
         ctl_child.fileno(),
         brk_child.fileno(),
         os.getpid() if parent_pid is None else parent_pid,
         flags,
         (ctl_parent.fileno(), brk_parent.fileno()),
         False,
+        cgroup_fd,
     )
     if keeper == 0:  # pragma: no cover - PID 1
         try:
@@ -349,21 +385,21 @@ def _run_keeper(
                 "uid": os.getuid(),
                 "steps": _keeper.keeper_steps(),
                 "parent_ends_open": [_fd_open(ctl_parent.fileno()), _fd_open(brk_parent.fileno())],
+                "cgroup": _v2_cgroup("self"),
             }
             os.write(brk_child.fileno(), json.dumps(report).encode())
         finally:
             os._exit(pid1_exit)
     ctl_child.close()
     brk_child.close()
-    got: list[dict[str, Any]] = []
-    report: dict[str, Any] = {}
+    run = KeeperRun([], {}, 0, "", placed)
     finished = False
     try:
         while True:
             msg = _recv_within(ctl_parent)
             if msg is None:
                 break
-            got.append(msg)
+            run.got.append(msg)
             if msg["m"] == markers.UNSHARED:
                 # seen from outside: the keeper is in new user, mount, net... namespaces
                 for name in ("user", "mnt", "net", "ipc", "uts"):
@@ -371,21 +407,22 @@ def _run_keeper(
                         f"/proc/self/ns/{name}"
                     ), name
                 # (its new PID namespace shows in PID 1, which reports pid 1)
+                run.keeper_cgroup = _v2_cgroup(keeper)
                 ns.parent_write_id_maps(keeper, HOST_UID, HOST_UID)
                 markers.send(ctl_parent, reply)
             elif msg["m"] in (markers.EXITED, markers.STEP_FAILED):
                 break
         if select.select([brk_parent], [], [], 2.0)[0]:
             data = brk_parent.recv(1 << 16)
-            report = json.loads(data) if data else {}
+            run.report = json.loads(data) if data else {}
         finished = True
     finally:
         if not finished:
             os.kill(keeper, signal.SIGKILL)
-        _, status = os.waitpid(keeper, 0)
+        _, run.status = os.waitpid(keeper, 0)
         ctl_parent.close()
         brk_parent.close()
-    return got, report, status
+    return run
 
 
 def _fd_open(fd: int) -> bool:
@@ -398,7 +435,9 @@ def _fd_open(fd: int) -> bool:
 
 @pytest.mark.requires_root
 def test_keeper_unshares_is_mapped_forks_pid1_and_reports_its_status() -> None:
-    got, report, status = _run_keeper(pid1_exit=5)
+    run = _run_keeper(pid1_exit=5)
+    got, report, status = run.got, run.report, run.status
+    assert run.placed is False  # no cgroup directory given
     assert os.WIFEXITED(status)
     assert os.WEXITSTATUS(status) == 0
     assert [m["m"] for m in got] == [markers.UNSHARED, markers.PID1, markers.EXITED]
@@ -416,7 +455,8 @@ def test_keeper_unshares_is_mapped_forks_pid1_and_reports_its_status() -> None:
 
 @pytest.mark.requires_root
 def test_keeper_reports_a_failed_unshare() -> None:
-    got, report, status = _run_keeper(flags=0x1)  # not a namespace flag: EINVAL
+    run = _run_keeper(flags=0x1)
+    got, report, status = run.got, run.report, run.status  # not a namespace flag: EINVAL
     assert report == {}
     assert os.WIFEXITED(status)
     assert os.WEXITSTATUS(status) == markers.EXIT_SETUP_FAILED
@@ -433,7 +473,8 @@ def test_keeper_reports_a_failed_unshare() -> None:
 @pytest.mark.requires_root
 @pytest.mark.parametrize("reply", [markers.PLACED, "MAPPED ", "mapped"])
 def test_keeper_without_mapped_exits_without_a_pid1(reply: str) -> None:
-    got, report, status = _run_keeper(reply=reply)
+    run = _run_keeper(reply=reply)
+    got, report, status = run.got, run.report, run.status
     assert [m["m"] for m in got] == [markers.UNSHARED]
     assert report == {}
     assert os.WIFEXITED(status)
@@ -442,7 +483,8 @@ def test_keeper_without_mapped_exits_without_a_pid1(reply: str) -> None:
 
 @pytest.mark.requires_root
 def test_keeper_of_a_parent_already_gone_does_nothing() -> None:
-    got, report, status = _run_keeper(parent_pid=1)  # "our parent" is not who it names
+    run = _run_keeper(parent_pid=1)
+    got, report, status = run.got, run.report, run.status  # "our parent" is not who it names
     assert got == []
     assert report == {}
     assert os.WIFEXITED(status)
@@ -469,3 +511,43 @@ def test_fork_lean_forks_without_the_interpreters_after_fork_hooks() -> None:
     assert os.WIFEXITED(status)
     assert os.WEXITSTATUS(status) == 7
     assert hooks == "0"  # with os.fork the registered hook would have run: "1"
+
+
+def _cgroup2_mount() -> str | None:
+    """Where a cgroup2 hierarchy is mounted (here: the hybrid host's /sys/fs/cgroup/unified;
+    on a pure v2 host: /sys/fs/cgroup), or None."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[:1] == ["cgroup2"]:
+                return left.split()[4]
+    return None
+
+
+@pytest.mark.requires_root
+def test_keeper_is_born_in_a_cgroup_v2_directory_and_pid1_with_it() -> None:
+    """With a cgroup v2 directory fd the keeper is cloned into it (CLONE_INTO_CGROUP): no
+    attach. Seen from outside in /proc/<pid>/cgroup, for the keeper and for PID 1."""
+    mount = _cgroup2_mount()
+    if mount is None:
+        if os.environ.get("FORGEONE_MUST_ISOLATE") == "1":
+            pytest.fail("no cgroup2 hierarchy mounted (FORGEONE_MUST_ISOLATE=1 forbids skipping)")
+        pytest.skip("no cgroup2 hierarchy mounted")
+    own = _v2_cgroup("self")
+    base = os.path.join(mount, own.lstrip("/"), "forgeone")
+    made_base = not os.path.isdir(base)
+    leaf = os.path.join(base, f"keeper-test-{os.getpid()}")
+    os.makedirs(leaf)
+    relative = "/" + os.path.relpath(leaf, mount)
+    try:
+        run = _in_a_one_thread_process(leaf)
+    finally:
+        os.rmdir(leaf)
+        if made_base:
+            os.rmdir(base)
+    assert run.placed is True
+    assert run.keeper_cgroup == relative
+    assert run.report["cgroup"] == relative
+    assert os.WIFEXITED(run.status)
+    assert os.WEXITSTATUS(run.status) == 0
+    assert [m["m"] for m in run.got] == [markers.UNSHARED, markers.PID1, markers.EXITED]

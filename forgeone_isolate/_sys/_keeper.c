@@ -21,12 +21,13 @@
 #include <Python.h>
 
 #include <errno.h>
-#include <grp.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdint.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -81,14 +82,52 @@ static void die_with_parent(pid_t parent) {
         _exit(EXIT_PARENT_GONE);
 }
 
+/* clone3(2)'s arguments (<linux/sched.h>, declared here: that header clashes with <sched.h>) */
+struct fo_clone_args {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid,
+        set_tid_size, cgroup;
+};
+#define FO_CLONE_INTO_CGROUP 0x200000000ULL
+
+/* fork(2), or with a cgroup v2 directory fd clone3(CLONE_INTO_CGROUP): the child is born in
+ * the plugin's cgroup, with no attach (which takes the kernel's global threadgroup lock
+ * for writing). *placed says which happened: a kernel without clone3 or CLONE_INTO_CGROUP
+ * (before 5.7) gets the plain fork, and the parent attaches the keeper as usual. Only for
+ * a caller the kernel counts one thread in: the raw clone skips glibc's fork bookkeeping
+ * (its locks, which another thread could hold), so fork_children passes -1 otherwise. */
+static pid_t fork_into(int cgroup_fd, int *placed) {
+    *placed = 0;
+#ifdef SYS_clone3
+    if (cgroup_fd >= 0) {
+        struct fo_clone_args args;
+        memset(&args, 0, sizeof args);
+        args.flags = FO_CLONE_INTO_CGROUP;
+        args.exit_signal = SIGCHLD;
+        args.cgroup = (uint64_t)cgroup_fd;
+        long pid = syscall(SYS_clone3, &args, sizeof args);
+        if (pid >= 0) {
+            *placed = 1;
+            return (pid_t)pid;
+        }
+        if (errno != ENOSYS && errno != EINVAL && errno != E2BIG)
+            return -1;
+    }
+#endif
+    return fork();
+}
+
 /* The keeper's whole life. Returns only in PID 1 (with 0). */
 static int keeper(int ctl, int brk, pid_t parent, int flags) {
     double t = now_ms();
     die_with_parent(parent);
     record("pdeathsig", t);
 
+    /* The credential calls are raw system calls: glibc's wrappers would broadcast them to
+     * every thread it believes the process has (its list, copied from a parent that may
+     * once have had threads, names tasks that are not ours: a wait that never ends). The
+     * keeper has one thread, which is exactly what the system calls change. */
     t = now_ms();
-    if (setgroups(0, NULL) != 0) /* before unshare: refused in the new user namespace */
+    if (syscall(SYS_setgroups, 0, NULL) != 0) /* before unshare: refused in the new namespace */
         fail(ctl, "setgroups", errno);
     record("setgroups", t);
 
@@ -108,9 +147,9 @@ static int keeper(int ctl, int brk, pid_t parent, int flags) {
         _exit(EXIT_PROTOCOL);
 
     t = now_ms();
-    if (setresgid(0, 0, 0) != 0)
+    if (syscall(SYS_setresgid, 0, 0, 0) != 0)
         fail(ctl, "setresuid", errno);
-    if (setresuid(0, 0, 0) != 0)
+    if (syscall(SYS_setresuid, 0, 0, 0) != 0)
         fail(ctl, "setresuid", errno);
     die_with_parent(parent); /* a credential change cleared it */
     record("setresuid", t);
@@ -138,10 +177,10 @@ static int keeper(int ctl, int brk, pid_t parent, int flags) {
 }
 
 static PyObject *fork_keeper(PyObject *self, PyObject *args) {
-    int ctl, brk, parent, flags, python_fork;
+    int ctl, brk, parent, flags, python_fork, cgroup_fd;
     PyObject *close_in_keeper;
-    if (!PyArg_ParseTuple(args, "iiiiOp", &ctl, &brk, &parent, &flags, &close_in_keeper,
-                          &python_fork))
+    if (!PyArg_ParseTuple(args, "iiiiOpi", &ctl, &brk, &parent, &flags, &close_in_keeper,
+                          &python_fork, &cgroup_fd))
         return NULL;
     if (!PyTuple_Check(close_in_keeper) || PyTuple_GET_SIZE(close_in_keeper) > 8) {
         PyErr_SetString(PyExc_TypeError, "close_in_keeper: a tuple of at most 8 fds");
@@ -159,15 +198,18 @@ static PyObject *fork_keeper(PyObject *self, PyObject *args) {
      * there, and the GIL, held across fork(), stays with the one thread PID 1 has. */
     if (python_fork)
         PyOS_BeforeFork();
-    pid_t pid = fork();
+    int placed = 0;
+    pid_t pid = python_fork ? fork() : fork_into(cgroup_fd, &placed);
     if (pid == 0) {
         for (Py_ssize_t i = 0; i < n_closing; i++)
             close(closing[i]);
+        if (cgroup_fd >= 0)
+            close(cgroup_fd);
         n_steps = 0;
         keeper(ctl, brk, (pid_t)parent, flags); /* returns in PID 1 only */
         if (python_fork)
             PyOS_AfterFork_Child();
-        return PyLong_FromLong(0);
+        return Py_BuildValue("(iO)", 0, placed ? Py_True : Py_False);
     }
     int err = errno;
     if (python_fork)
@@ -176,7 +218,7 @@ static PyObject *fork_keeper(PyObject *self, PyObject *args) {
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    return PyLong_FromLong((long)pid);
+    return Py_BuildValue("(iO)", (int)pid, placed ? Py_True : Py_False);
 }
 
 static PyObject *keeper_steps(PyObject *self, PyObject *unused) {
@@ -197,9 +239,10 @@ static PyObject *keeper_steps(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"fork_keeper", fork_keeper, METH_VARARGS,
-     "fork_keeper(ctl_fd, broker_fd, parent_pid, ns_flags, close_in_keeper, python_fork)"
-     " -> pid\n\nFork the keeper (see the module source). The parent gets the keeper's pid;"
-     " PID 1 of the new PID namespace gets 0. Raises OSError if the first fork fails."},
+     "fork_keeper(ctl_fd, broker_fd, parent_pid, ns_flags, close_in_keeper, python_fork,"
+     " cgroup_fd) -> (pid, placed)\n\nFork the keeper (see the module source). The parent gets"
+     " the keeper's pid; PID 1 of the new PID namespace gets 0. placed: the keeper was born in"
+     " the cgroup v2 directory cgroup_fd (-1: none). Raises OSError if the first fork fails."},
     {"keeper_steps", keeper_steps, METH_NOARGS,
      "keeper_steps() -> {step: ms}: in PID 1, what the keeper's steps took."},
     {NULL, NULL, 0, NULL},
