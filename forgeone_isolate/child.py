@@ -83,7 +83,6 @@ class ChildChannels:
 def fork_children(
     plan: SandboxPlan,
     chans: ChildChannels,
-    close_in_keeper: tuple[int, ...],
     payload_factory: Callable[[], Callable[[], int]],
     cgroup_fd: int = -1,
 ) -> tuple[int, bool]:
@@ -92,38 +91,39 @@ def fork_children(
     directory ``cgroup_fd`` (-1: none; then the parent attaches it); in PID 1, runs the
     sandbox and never returns.
 
-    ``close_in_keeper``: the parent's ends of the channels. With other threads alive the
-    interpreter's fork protocol runs (as ``os.fork``'s) and the keeper is always attached
-    by the parent; alone, the fork is lean.
+    The keeper keeps only the channels and /dev/null of every descriptor this process
+    has. With other threads alive (Python's or native ones) the interpreter's fork protocol
+    runs, as ``os.fork``'s, and the keeper is attached by the parent; alone, the fork is
+    lean (and on cgroup v2 a clone into the cgroup).
 
     Raises: OSError when the first fork fails.
     """
     flags = ns.flags_for(n for n in plan.namespaces if n != "cgroup")
-    python_threads = threading.active_count() > 1
-    if cgroup_fd >= 0 and (python_threads or _task_count() != 1):
-        cgroup_fd = -1  # the raw clone3 is for a process of one thread only (see _keeper.c)
+    threaded = threading.active_count() > 1 or libc_mod.task_count() != 1
     pid, placed = _keeper.fork_keeper(
         chans.control.fileno(),
         chans.broker.fileno(),
         os.getpid(),
         flags,
-        close_in_keeper,
-        python_threads,
-        cgroup_fd,
+        (chans.devnull,),
+        threaded,
+        -1 if threaded else cgroup_fd,  # the raw clone3 is for one thread only (_keeper.c)
     )
     if pid == 0:  # PID 1 of the new PID namespace
+        if not threaded:
+            _default_python_handlers()
         STEP_MS.clear()
         STEP_MS.update({k: round(v, 3) for k, v in _keeper.keeper_steps().items()})
         _plugin_main(RealKernel(), plan, chans, payload_factory)
     return pid, placed
 
 
-def _task_count() -> int:
-    """How many threads the kernel counts in this process (native ones included)."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return 0  # unknown: treated as not single-threaded
+def _default_python_handlers() -> None:
+    """PID 1 of a lean fork: the parent's Python signal handlers are not ours (and a signal
+    the parent had caught but not yet handled would otherwise run its handler here)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        if callable(signal.getsignal(sig)):
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def _report(ctl: socket.socket, e: StepFailed) -> None:

@@ -281,7 +281,8 @@ def _serve(
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # Single-threaded (as started; a preload could have started a thread): a fork
         # without the interpreter's after-fork hooks, whose writes copy shared pages.
-        pid = libc.fork_lean() if threading.active_count() == 1 else os.fork()
+        lean = threading.active_count() == 1 and libc.task_count() == 1
+        pid = libc.fork_lean() if lean else os.fork()
         if pid == 0:  # the plugin host
             try:
                 signal.set_wakeup_fd(-1)

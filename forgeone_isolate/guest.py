@@ -112,7 +112,7 @@ class PreparedGuest:
     _exports: Any = None
 
     _instantiated: bool = False
-    _instantiate_error: wasmtime.WasmtimeError | wasmtime.Trap | None = None
+    _instantiate_error: BaseException | None = None
 
     def instantiate(self) -> None:
         """Make the instance (a wasm start function runs here). Called once the filter is
@@ -127,7 +127,7 @@ class PreparedGuest:
             self._exports = instance.exports(self.store)
             mem = self._exports[abi.MEMORY_EXPORT]
             self._memory = mem if isinstance(mem, wasmtime.Memory) else None
-        except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
+        except BaseException as e:  # (a shim's own error too) re-raised by run()
             self._instantiate_error = e
 
     def __call__(self) -> int:

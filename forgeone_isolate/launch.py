@@ -222,7 +222,6 @@ def run_plan(
             keeper, sup.keeper_placed = child_mod.fork_children(
                 plan,
                 child_mod.ChildChannels(ctl_child, brk_child, devnull),
-                (ctl_parent.fileno(), brk_parent.fileno()),
                 payload_factory,
                 cgroup_fd,
             )
@@ -319,7 +318,8 @@ def _cgroup_dir_fd(pc: cgroup.PluginCgroup) -> int:
 def isolation_gaps(iso: dict[str, Any], plan: SandboxPlan) -> list[str]:
     """What the parent's /proc reading of PID 1 shows missing from the plan (empty: none).
 
-    Checked before PID 1 may run any lifecycle export: every namespace of the plan
+    Checked before PID 1 may run any lifecycle export and before any call of the guest
+    (a wasm start function runs at instantiation) is heard: every namespace of the plan
     unshared, seccomp in filter mode, no_new_privs set, no capability in any set, and
     uid/gid 0 mapped to the plan's host ids only.
     """
@@ -435,7 +435,9 @@ class _Supervisor:
         self.paused = False
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.ctl, selectors.EVENT_READ, "ctl")
-        self.sel.register(self.brk, selectors.EVENT_READ, "brk")
+        # The broker channel is heard only once the parent has checked what it observed:
+        # until then a call (from a wasm start function, say) waits in the socket.
+        self.brk_listening = False
 
     def kill(self, reason: str) -> None:
         if self.kill_reason is None:
@@ -452,9 +454,9 @@ class _Supervisor:
         cmd_fd = self.commands.fileno()
         if cmd_fd is not None:
             sel.register(cmd_fd, selectors.EVENT_READ, "cmd")
-        open_channels = 2
+        ctl_open = brk_open = True
         with _term_guard(lambda: self.kill("supervisor terminated")):
-            while open_channels:
+            while ctl_open or (brk_open and self.brk_listening):
                 timeout = self.deadline - time.monotonic()
                 if timeout <= 0 and self.kill_reason is None:
                     self.kill("timeout" if self.observed else "setup timeout")
@@ -468,10 +470,10 @@ class _Supervisor:
                 for key, _ in events:
                     if key.data == "ctl" and not self._on_control():
                         sel.unregister(self.ctl)
-                        open_channels -= 1
+                        ctl_open = False
                     elif key.data == "brk" and not self._on_broker():
                         sel.unregister(self.brk)
-                        open_channels -= 1
+                        brk_open = False
                     elif key.data == "cmd":
                         self._dispatch_command()
         sel.close()
@@ -605,10 +607,13 @@ class _Supervisor:
             for early in held:
                 self._on_marker(early)
         elif m == markers.STEP_FAILED:
+            err = msg.get("errno")
+            err = err if isinstance(err, int) and 0 <= err < 4096 else 0
             self.step_failed = {
                 "step": str(msg.get("step", "?"))[:64],
-                "errno": int(msg.get("errno", 0)) if isinstance(msg.get("errno"), int) else 0,
-                "message": str(msg.get("message", ""))[:300],
+                "errno": err,
+                # the keeper sends the errno only: the words are ours
+                "message": str(msg.get("message") or os.strerror(err))[:300],
             }
         elif m in (markers.READY, markers.FILTERED) and self.pid1 <= 0:
             # PID 1 may speak before the keeper has told us its pid: hold it until then
@@ -629,7 +634,7 @@ class _Supervisor:
                 }
             self.result.isolation = observe.observe(self.pid1)
             gaps = isolation_gaps(self.result.isolation, self.plan)
-            if gaps:  # seen from outside, not as planned: the plugin's code does not run
+            if gaps:  # not as planned, seen from outside: no lifecycle export, no call heard
                 self.step_failed = {
                     "step": "observe",
                     "errno": errno.EPERM,
@@ -640,6 +645,8 @@ class _Supervisor:
             if self.on_observed is not None:
                 self.on_observed(self.result)
             self.observed = True
+            self.sel.register(self.brk, selectors.EVENT_READ, "brk")
+            self.brk_listening = True
             # From now on a broker call is a context switch: one CPU for the plugin and us
             # (after the /proc read, which ran beside PID 1's instantiation).
             self.result.cpu = _share_one_cpu(self.plan, self.pid1)

@@ -12,7 +12,9 @@ strictly in this order::
     parent  -> plugin  PLACED {vm_size}         PID 1 is in its cgroup (then it unshares
                                                 its cgroup namespace, rooted there);
                                                 vm_size: its VmSize, for RLIMIT_AS
-    plugin  -> parent  STEP_FAILED {step, errno, message}   (then exits EXIT_SETUP_FAILED)
+    either  -> parent  STEP_FAILED {step, errno[, message]}  (then exits EXIT_SETUP_FAILED;
+                                                the keeper sends no message: the parent
+                                                words it from the errno)
     plugin  -> parent  FILTERED {steps}         every layer applied (PID 1 then instantiates
                                                 the module while the parent observes)
     parent  -> plugin  OBSERVED                 parent has read /proc/<pid>; run the lifecycle

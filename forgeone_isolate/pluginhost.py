@@ -211,7 +211,7 @@ def _verified(spec: dict[str, Any], name: str) -> tuple[mf.Manifest, str, bytes,
     """
     verified = spec.get("verified")
     if isinstance(verified, dict) and spec.get("artifact") and spec.get("artifact_key"):
-        manifest = mf.parse_manifest(str(verified["manifest"]).encode())
+        manifest = mf.parse_manifest(base64.b64decode(str(verified["manifest_b64"])))
         found = artifacts.load_artifact(
             Path(spec["artifact"]),
             bytes.fromhex(spec["artifact_key"]),

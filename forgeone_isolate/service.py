@@ -59,6 +59,7 @@ from forgeone_isolate.errors import (
     EXIT_PLUGIN_FAILED,
     BadInputError,
     IsolateError,
+    PackageError,
     VerificationError,
 )
 from forgeone_isolate.forkserver import ForkServer, ForkServerError, Spawned
@@ -840,14 +841,17 @@ class Service:
         # plugin host would copy every page the verification touches): the signature over
         # the stored bytes, the signer trusted and not revoked now, every member's hash.
         stored = self._reg().package_path(row.sha256)
-        data = package.read_bounded_file(stored)
+        try:
+            data = package.read_bounded_file(stored)
+        except PackageError as e:  # our own verified file, unreadable now: not the package's fault
+            raise OpError(f"{name}: {e}") from None
         if hashlib.sha256(data).hexdigest() != row.sha256:  # before parsing a byte of it
             raise VerificationError(f"stored package {stored} does not hash to its registry digest")
         pkg = package.verify_bytes(data, trust)
         artifact = self._artifact_for(row.name, row.sha256, row.wasm_sha256, trust, pkg)
         return {
             "verified": {
-                "manifest": pkg.manifest_bytes.decode("utf-8"),
+                "manifest_b64": base64.b64encode(pkg.manifest_bytes).decode("ascii"),
                 "signer": pkg.signer,
                 "wasm_sha256": hashlib.sha256(pkg.wasm).hexdigest(),
             },

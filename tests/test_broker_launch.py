@@ -922,11 +922,17 @@ def test_a_launch_whose_observed_isolation_falls_short_never_runs_the_plugin(
 
     def tampered(pid: int) -> dict[str, Any]:
         seen = real(pid)
+        time.sleep(0.3 * time_scale())  # time for the start section's call to arrive
         return {**seen, "seccomp": 0, "cap_eff": "0000000000200000"}
 
-    wat = module(
-        "(drop (call $log (i32.const 2) (i32.const 0) (i32.const 2))) (i32.const 0)", {0: b"hi"}
-    )
+    # The call comes from a wasm start section: it runs at instantiation, which PID 1 does
+    # while the parent reads /proc, before any lifecycle export.
+    wat = """(module
+  (import "forgeone" "log" (func $log (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "hi")
+  (func $s (drop (call $log (i32.const 2) (i32.const 0) (i32.const 2))))
+  (start $s))"""
     control = launcher.run("observed", wat)  # untampered, the same guest logs (and is audited)
     assert control.result.status == "ok", control.result.reason
     assert "log" in [r["op"] for r in _records(control.audit_path)]
@@ -936,7 +942,7 @@ def test_a_launch_whose_observed_isolation_falls_short_never_runs_the_plugin(
     assert caught.value.step == "observe"
     assert "seccomp mode 0, not 2" in caught.value.message
     assert "cap_eff 0000000000200000" in caught.value.message
-    # the guest's start (which logs) never ran: no call reached the broker
+    # the guest's call was never heard (nor answered): no record of it
     audit = launcher.state / "audit" / f"{PREFIX}unobserved.jsonl"
     assert "log" not in [r["op"] for r in _records(audit)]
 

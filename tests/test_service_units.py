@@ -452,7 +452,7 @@ def test_host_takes_the_services_verification_only_with_a_matching_artifact(
     digest = hashlib.sha256(pkg.wasm).hexdigest()
     spec: dict[str, object] = {
         "verified": {
-            "manifest": pkg.manifest_bytes.decode(),
+            "manifest_b64": base64.b64encode(pkg.manifest_bytes).decode(),
             "signer": fp,
             "wasm_sha256": digest,
         },

@@ -24,6 +24,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <stdint.h>
 #include <sys/prctl.h>
@@ -66,13 +67,43 @@ static void say(int fd, const char *text) {
     } while (r < 0 && errno == EINTR);
 }
 
+/* The step and the errno only: the parent words the message (os.strerror), so nothing
+ * here depends on the locale or takes gettext's locks after the fork. */
 static void fail(int fd, const char *step, int err) {
-    char buf[512];
-    /* strerror's texts are plain ASCII without quotes or backslashes: valid JSON as is */
-    snprintf(buf, sizeof buf, "{\"m\": \"STEP_FAILED\", \"step\": \"%s\", \"errno\": %d, \"message\": \"%s\"}",
-             step, err, strerror(err));
+    char buf[128];
+    snprintf(buf, sizeof buf, "{\"m\": \"STEP_FAILED\", \"step\": \"%s\", \"errno\": %d}", step, err);
     say(fd, buf);
     _exit(EXIT_SETUP_FAILED);
+}
+
+static int cmp_int(const void *a, const void *b) {
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
+/* Close every descriptor but 0-2 and keep[0..n): the keeper, unconfined for the plugin's
+ * whole life, and PID 1 hold nothing of the parent's (audit log, leases, sockets...). */
+static void close_all_but(int *keep, int n) {
+    qsort(keep, n, sizeof *keep, cmp_int);
+    unsigned int from = 3;
+    for (int i = 0; i <= n; i++) {
+        unsigned int to = i < n ? (unsigned int)keep[i] : ~0U;
+        if (i < n && keep[i] < 3)
+            continue;
+        if (to > from) {
+            unsigned int last = i < n ? to - 1 : ~0U;
+#ifdef SYS_close_range
+            if (syscall(SYS_close_range, from, last, 0) != 0)
+#endif
+            {
+                unsigned int cap = last == ~0U ? 65536 : last; /* no close_range (< 5.9) */
+                for (unsigned int fd = from; fd <= cap; fd++)
+                    close((int)fd);
+            }
+        }
+        if (i < n)
+            from = (unsigned int)keep[i] + 1;
+    }
 }
 
 static void die_with_parent(pid_t parent) {
@@ -117,10 +148,10 @@ static pid_t fork_into(int cgroup_fd, int *placed) {
 }
 
 /* The keeper's whole life. Returns only in PID 1 (with 0). */
-static int keeper(int ctl, int brk, pid_t parent, int flags) {
+static int keeper(int ctl, int brk, pid_t parent, int flags, const int *extra, int n_extra) {
     double t = now_ms();
     die_with_parent(parent);
-    record("pdeathsig", t);
+    record("keeper-pdeathsig", t);
 
     /* The credential calls are raw system calls: glibc's wrappers would broadcast them to
      * every thread it believes the process has (its list, copied from a parent that may
@@ -129,12 +160,12 @@ static int keeper(int ctl, int brk, pid_t parent, int flags) {
     t = now_ms();
     if (syscall(SYS_setgroups, 0, NULL) != 0) /* before unshare: refused in the new namespace */
         fail(ctl, "setgroups", errno);
-    record("setgroups", t);
+    record("keeper-setgroups", t);
 
     t = now_ms();
     if (unshare(flags) != 0)
         fail(ctl, "unshare", errno);
-    record("unshare", t);
+    record("keeper-unshare", t);
     say(ctl, "{\"m\": \"UNSHARED\"}");
 
     char reply[64];
@@ -148,21 +179,23 @@ static int keeper(int ctl, int brk, pid_t parent, int flags) {
 
     t = now_ms();
     if (syscall(SYS_setresgid, 0, 0, 0) != 0)
-        fail(ctl, "setresuid", errno);
+        fail(ctl, "setresgid", errno);
     if (syscall(SYS_setresuid, 0, 0, 0) != 0)
         fail(ctl, "setresuid", errno);
     die_with_parent(parent); /* a credential change cleared it */
-    record("setresuid", t);
+    record("keeper-setresuid", t);
 
     t = now_ms();
     pid_t pid1 = fork();
     if (pid1 < 0)
         fail(ctl, "fork-pid1", errno);
     if (pid1 == 0) {
-        record("fork-pid1", t);
+        record("keeper-fork-pid1", t);
         return 0;
     }
     close(brk); /* only PID 1 holds the broker end: EOF there means it is gone */
+    for (int i = 0; i < n_extra; i++)
+        close(extra[i]);
     char buf[64];
     snprintf(buf, sizeof buf, "{\"m\": \"PID1\", \"pid\": %d}", (int)pid1);
     say(ctl, buf);
@@ -178,21 +211,27 @@ static int keeper(int ctl, int brk, pid_t parent, int flags) {
 
 static PyObject *fork_keeper(PyObject *self, PyObject *args) {
     int ctl, brk, parent, flags, python_fork, cgroup_fd;
-    PyObject *close_in_keeper;
-    if (!PyArg_ParseTuple(args, "iiiiOpi", &ctl, &brk, &parent, &flags, &close_in_keeper,
-                          &python_fork, &cgroup_fd))
+    PyObject *for_pid1;
+    if (!PyArg_ParseTuple(args, "iiiiOpi", &ctl, &brk, &parent, &flags, &for_pid1, &python_fork,
+                          &cgroup_fd))
         return NULL;
-    if (!PyTuple_Check(close_in_keeper) || PyTuple_GET_SIZE(close_in_keeper) > 8) {
-        PyErr_SetString(PyExc_TypeError, "close_in_keeper: a tuple of at most 8 fds");
+    if (!PyTuple_Check(for_pid1) || PyTuple_GET_SIZE(for_pid1) > 4) {
+        PyErr_SetString(PyExc_TypeError, "for_pid1: a tuple of at most 4 fds");
         return NULL;
     }
-    int closing[8];
-    Py_ssize_t n_closing = PyTuple_GET_SIZE(close_in_keeper);
-    for (Py_ssize_t i = 0; i < n_closing; i++) {
-        closing[i] = (int)PyLong_AsLong(PyTuple_GET_ITEM(close_in_keeper, i));
-        if (closing[i] == -1 && PyErr_Occurred())
+    int extra[4], keep[6];
+    int n_extra = (int)PyTuple_GET_SIZE(for_pid1);
+    for (int i = 0; i < n_extra; i++) {
+        extra[i] = (int)PyLong_AsLong(PyTuple_GET_ITEM(for_pid1, i));
+        if (extra[i] < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "for_pid1: descriptors are >= 0");
             return NULL;
+        }
+        keep[2 + i] = extra[i];
     }
+    keep[0] = ctl;
+    keep[1] = brk;
     /* With other threads alive, the interpreter's own fork protocol (locks taken before,
      * re-made in PID 1); alone, none of it: no lock can be held by a thread that is not
      * there, and the GIL, held across fork(), stays with the one thread PID 1 has. */
@@ -201,12 +240,9 @@ static PyObject *fork_keeper(PyObject *self, PyObject *args) {
     int placed = 0;
     pid_t pid = python_fork ? fork() : fork_into(cgroup_fd, &placed);
     if (pid == 0) {
-        for (Py_ssize_t i = 0; i < n_closing; i++)
-            close(closing[i]);
-        if (cgroup_fd >= 0)
-            close(cgroup_fd);
+        close_all_but(keep, 2 + n_extra); /* the cgroup fd, the parent's ends: all gone */
         n_steps = 0;
-        keeper(ctl, brk, (pid_t)parent, flags); /* returns in PID 1 only */
+        keeper(ctl, brk, (pid_t)parent, flags, extra, n_extra); /* returns in PID 1 only */
         if (python_fork)
             PyOS_AfterFork_Child();
         return Py_BuildValue("(iO)", 0, placed ? Py_True : Py_False);
@@ -239,8 +275,9 @@ static PyObject *keeper_steps(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"fork_keeper", fork_keeper, METH_VARARGS,
-     "fork_keeper(ctl_fd, broker_fd, parent_pid, ns_flags, close_in_keeper, python_fork,"
-     " cgroup_fd) -> (pid, placed)\n\nFork the keeper (see the module source). The parent gets"
+     "fork_keeper(ctl_fd, broker_fd, parent_pid, ns_flags, for_pid1, python_fork,"
+     " cgroup_fd) -> (pid, placed)\n\nFork the keeper (see the module source), which keeps only"
+     " fds 0-2, the two channels and for_pid1 (closed once PID 1 is forked). The parent gets"
      " the keeper's pid; PID 1 of the new PID namespace gets 0. placed: the keeper was born in"
      " the cgroup v2 directory cgroup_fd (-1: none). Raises OSError if the first fork fails."},
     {"keeper_steps", keeper_steps, METH_NOARGS,

@@ -5,7 +5,7 @@ def fork_keeper(
     broker_fd: int,
     parent_pid: int,
     ns_flags: int,
-    close_in_keeper: tuple[int, ...],
+    for_pid1: tuple[int, ...],
     python_fork: bool,
     cgroup_fd: int,
     /,

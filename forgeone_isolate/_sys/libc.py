@@ -234,6 +234,15 @@ def raw_syscall(number: int, *args: int) -> int:
     return -ctypes.get_errno() if result < 0 else result
 
 
+def task_count() -> int:
+    """How many threads the kernel counts in this process (native ones included); 0 when
+    unknown (no /proc), which callers treat as "not single-threaded"."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
+
+
 # fork(2) through glibc, holding the GIL (PyDLL does not release it around the call).
 _pylibc = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _pylibc.fork.argtypes = []
