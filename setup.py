@@ -9,6 +9,8 @@ setup(
             "forgeone_isolate._sys._keeper",
             sources=["forgeone_isolate/_sys/_keeper.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            # no lazy binding: the keeper gives back the loader's heap (see _keeper.c)
+            extra_link_args=["-Wl,-z,now"],
         )
     ]
 )

@@ -21,12 +21,14 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <stdint.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -147,6 +149,102 @@ static pid_t fork_into(int cgroup_fd, int *placed) {
     return fork();
 }
 
+/* What the keeper gives back once PID 1 is forked. Until then it is a copy of the parent
+ * (a CPython process); afterwards it only waits, and every page of the interpreter that
+ * the parent and PID 1 have both written since would stay in it as its own copy (1.3-1.5
+ * MiB per plugin). So while the parent maps its ids (its /proc is still the host's), it lists the
+ * writable private mappings it will not need: all but its stack, its thread block (TLS,
+ * errno, the stack guard) and the mappings of libc, the dynamic loader and this module
+ * (which is linked with -z now: no lazy binding, which would need the loader's heap). */
+#define MAX_DROPS 4096
+static struct {
+    uintptr_t lo, hi;
+} drops[MAX_DROPS];
+static int n_drops;
+
+static int keep_mapping(uintptr_t lo, uintptr_t hi, const char *perms, const char *path,
+                        int follows_kept_lib) {
+    uintptr_t tp = (uintptr_t)__builtin_thread_pointer();
+    char here;
+    uintptr_t sp = (uintptr_t)&here;
+    if (perms[1] != 'w' || perms[3] != 'p')
+        return 1; /* read-only or shared: nothing of ours */
+    if ((tp >= lo && tp < hi) || (sp >= lo && sp < hi))
+        return 1;
+    if (path[0] == '[') /* [stack], [vdso], [vvar], [vsyscall] stay; [heap] goes */
+        return strcmp(path, "[heap]") != 0;
+    if (strstr(path, "/libc.so") || strstr(path, "/ld-linux") || strstr(path, "_keeper"))
+        return 1;
+    return path[0] == '\0' && follows_kept_lib; /* a library's .bss beyond its file */
+}
+
+static void plan_drops(void) {
+    int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return; /* nothing given back: only memory is lost */
+    char buf[16384];
+    size_t have = 0;
+    uintptr_t prev_hi = 0;
+    int prev_kept_lib = 0;
+    for (;;) {
+        ssize_t got = read(fd, buf + have, sizeof buf - 1 - have);
+        if (got <= 0)
+            break;
+        have += (size_t)got;
+        buf[have] = '\0';
+        char *line = buf, *nl;
+        while ((nl = memchr(line, '\n', have - (size_t)(line - buf))) != NULL) {
+            *nl = '\0';
+            unsigned long lo, hi;
+            char perms[8] = "", path[512] = "";
+            if (sscanf(line, "%lx-%lx %7s %*s %*s %*s %511[^\n]", &lo, &hi, perms, path) >= 3) {
+                char *pth = path;
+                while (*pth == ' ')
+                    pth++;
+                int kept = keep_mapping(lo, hi, perms, pth, lo == prev_hi && prev_kept_lib);
+                int lib = pth[0] == '/' && kept;
+                if (!kept && n_drops < MAX_DROPS) {
+                    drops[n_drops].lo = lo;
+                    drops[n_drops].hi = hi;
+                    n_drops++;
+                }
+                prev_hi = hi;
+                prev_kept_lib = lib || (pth[0] == '\0' && kept && prev_kept_lib);
+            }
+            line = nl + 1;
+        }
+        have -= (size_t)(line - buf);
+        memmove(buf, line, have);
+    }
+    close(fd);
+}
+
+static void give_back(void) {
+    for (int i = 0; i < n_drops; i++)
+        munmap((void *)drops[i].lo, drops[i].hi - drops[i].lo);
+}
+
+/* A JSON marker with one integer field, without stdio (its locale state may be gone). */
+static void say_int(int fd, const char *head, long value) {
+    char buf[96];
+    size_t n = strlen(head);
+    memcpy(buf, head, n);
+    char digits[24];
+    int d = 0;
+    unsigned long v = value < 0 ? (unsigned long)(-value) : (unsigned long)value;
+    do {
+        digits[d++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    if (value < 0)
+        buf[n++] = '-';
+    while (d)
+        buf[n++] = digits[--d];
+    buf[n++] = '}';
+    buf[n] = '\0';
+    say(fd, buf);
+}
+
 /* The keeper's whole life. Returns only in PID 1 (with 0). */
 static int keeper(int ctl, int brk, pid_t parent, int flags, const int *extra, int n_extra) {
     double t = now_ms();
@@ -167,6 +265,7 @@ static int keeper(int ctl, int brk, pid_t parent, int flags, const int *extra, i
         fail(ctl, "unshare", errno);
     record("keeper-unshare", t);
     say(ctl, "{\"m\": \"UNSHARED\"}");
+    plan_drops(); /* while the parent writes our maps (our /proc is still the host's) */
 
     char reply[64];
     ssize_t n;
@@ -196,16 +295,20 @@ static int keeper(int ctl, int brk, pid_t parent, int flags, const int *extra, i
     close(brk); /* only PID 1 holds the broker end: EOF there means it is gone */
     for (int i = 0; i < n_extra; i++)
         close(extra[i]);
-    char buf[64];
-    snprintf(buf, sizeof buf, "{\"m\": \"PID1\", \"pid\": %d}", (int)pid1);
-    say(ctl, buf);
+    /* No signal reaches the keeper's inherited handlers any more (they are the parent's,
+     * in memory given back next); the supervisor ends it with SIGKILL, pdeathsig too. */
+    sigset_t all;
+    sigfillset(&all);
+    sigprocmask(SIG_BLOCK, &all, NULL);
+    give_back();
+    say_int(ctl, "{\"m\": \"PID1\", \"pid\": ", pid1);
     int status = 0;
     while (waitpid(pid1, &status, 0) < 0) {
         if (errno != EINTR)
-            _exit(EXIT_PROTOCOL);
+            syscall(SYS_exit_group, EXIT_PROTOCOL);
     }
-    snprintf(buf, sizeof buf, "{\"m\": \"EXITED\", \"status\": %d}", status);
-    say(ctl, buf);
+    say_int(ctl, "{\"m\": \"EXITED\", \"status\": ", status);
+    syscall(SYS_exit_group, 0);
     _exit(0);
 }
 
