@@ -185,7 +185,7 @@ static void plan_drops(void) {
     char buf[16384];
     size_t have = 0;
     uintptr_t prev_hi = 0;
-    int prev_kept_lib = 0;
+    int prev_kept_lib = 0, prev_dropped = 0;
     for (;;) {
         ssize_t got = read(fd, buf + have, sizeof buf - 1 - have);
         if (got <= 0)
@@ -203,11 +203,14 @@ static void plan_drops(void) {
                     pth++;
                 int kept = keep_mapping(lo, hi, perms, pth, lo == prev_hi && prev_kept_lib);
                 int lib = pth[0] == '/' && kept;
-                if (!kept && n_drops < MAX_DROPS) {
+                if (!kept && prev_dropped && n_drops > 0) {
+                    drops[n_drops - 1].hi = hi; /* one munmap over both (and the gap) */
+                } else if (!kept && n_drops < MAX_DROPS) {
                     drops[n_drops].lo = lo;
                     drops[n_drops].hi = hi;
                     n_drops++;
                 }
+                prev_dropped = !kept;
                 prev_hi = hi;
                 prev_kept_lib = lib || (pth[0] == '\0' && kept && prev_kept_lib);
             }
