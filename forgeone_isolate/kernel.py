@@ -32,9 +32,6 @@ class Kernel(Protocol):
     def dup2(self, fd: int, fd2: int) -> None: ...
     def close_range(self, first: int) -> None: ...
     def setrlimit(self, which: int, soft: int, hard: int) -> None: ...
-    def setgroups(self, groups: list[int]) -> None: ...
-    def setresgid(self, gid: int) -> None: ...
-    def setresuid(self, uid: int) -> None: ...
     def set_securebits(self, bits: int) -> None: ...
     def capbset_drop(self, cap: int) -> None: ...
     def clear_ambient_caps(self) -> None: ...
@@ -78,15 +75,6 @@ class RealKernel:
 
     def setrlimit(self, which: int, soft: int, hard: int) -> None:
         resource.setrlimit(which, (soft, hard))
-
-    def setgroups(self, groups: list[int]) -> None:
-        os.setgroups(groups)
-
-    def setresgid(self, gid: int) -> None:
-        os.setresgid(gid, gid, gid)
-
-    def setresuid(self, uid: int) -> None:
-        os.setresuid(uid, uid, uid)
 
     def set_securebits(self, bits: int) -> None:
         libc.set_securebits(bits)  # python-prctl refuses the ambient-raise bits
@@ -158,15 +146,6 @@ class RecordingKernel:
 
     def setrlimit(self, which: int, soft: int, hard: int) -> None:
         self._rec("setrlimit", which, soft, hard)
-
-    def setgroups(self, groups: list[int]) -> None:
-        self._rec("setgroups", tuple(groups))
-
-    def setresgid(self, gid: int) -> None:
-        self._rec("setresgid", gid)
-
-    def setresuid(self, uid: int) -> None:
-        self._rec("setresuid", uid)
 
     def set_securebits(self, bits: int) -> None:
         self._rec("set_securebits", bits)

@@ -1,8 +1,9 @@
 """Namespaces: the child's unshare, and the parent's user-namespace id maps.
 
-Child half: :func:`unshare_namespaces`. Parent half: :func:`parent_write_id_maps`, which
-writes ``setgroups`` = deny, then ``uid_map`` and ``gid_map`` of the child (only a process
-with CAP_SETUID/CAP_SETGID in the parent namespace may map arbitrary host ids).
+Child half: :func:`flags_for`, the mask the keeper (``_sys/_keeper.c``) unshares in one
+call. Parent half: :func:`parent_write_id_maps`, which writes ``setgroups`` = deny, then
+``uid_map`` and ``gid_map`` of the child (only a process with CAP_SETUID/CAP_SETGID in the
+parent namespace may map arbitrary host ids).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import os
 from collections.abc import Iterable
 
 from forgeone_isolate._sys.libc import NAMESPACE_FLAGS
-from forgeone_isolate.kernel import Kernel
 
 #: the names /proc/<pid>/ns/ uses for each namespace we unshare
 PROC_NS_NAMES = {
@@ -31,11 +31,6 @@ def flags_for(names: Iterable[str]) -> int:
     for name in names:
         mask |= NAMESPACE_FLAGS[name]
     return mask
-
-
-def unshare_namespaces(k: Kernel, names: Iterable[str]) -> None:
-    """Child: leave the host's namespaces in one unshare(2)."""
-    k.unshare(flags_for(names))
 
 
 def parent_write_id_maps(pid: int, host_uid: int, host_gid: int) -> None:
