@@ -242,6 +242,13 @@ def _check_name(manifest: mf.Manifest, name: str) -> None:
         raise VerificationError(f"stored package names {manifest.name!r}, not {name!r}")
 
 
+def _refused(channel: HostChannel, e: IsolateError) -> int:
+    """Tell the service why the plugin did not start; the host's exit status (2: bad input)."""
+    bad = isinstance(e, BadInputError)
+    channel.send({"ev": "error", "message": str(e), "bad_input": bad})
+    return 2 if bad else 1
+
+
 def run_host(spec: dict[str, Any], channel: HostChannel) -> int:
     """Verify, plan and run one plugin; report on ``channel``. Returns the exit status."""
     from forgeone_isolate import child
@@ -261,12 +268,8 @@ def run_host(spec: dict[str, Any], channel: HostChannel) -> int:
         eff = policy.effective(manifest.permissions, pol.grant_for(signer, name), pol.defaults)
         limits = policy.cap_limits(manifest.limits, eff)
         cgroups = _cgroups(tuple(str(d) for d in spec.get("delegated", ())))
-    except BadInputError as e:
-        channel.send({"ev": "error", "message": str(e), "bad_input": True})
-        return 2
     except IsolateError as e:
-        channel.send({"ev": "error", "message": str(e), "bad_input": False})
-        return 1
+        return _refused(channel, e)
     pool = ipaddress.IPv4Network(spec.get("address_pool", DEFAULT_ADDRESS_POOL))
     kv = KvStore(state_dir / "kv.sqlite3") if eff.kv else None
     try:
@@ -323,12 +326,8 @@ def run_host(spec: dict[str, Any], channel: HostChannel) -> int:
                 commands=commands,
                 sweep=False,  # the service sweeps once when it starts
             )
-    except BadInputError as e:
-        channel.send({"ev": "error", "message": str(e), "bad_input": True})
-        return 2
     except IsolateError as e:
-        channel.send({"ev": "error", "message": str(e), "bad_input": False})
-        return 1
+        return _refused(channel, e)
     finally:
         if kv is not None:
             kv.close()

@@ -21,7 +21,7 @@ from conftest import time_scale
 
 from forgeone_isolate import cgroup, plan, policy, uidpool
 from forgeone_isolate._sys import libc
-from forgeone_isolate._sys.libc import CLONE_NEWNET, CLONE_NEWUSER
+from forgeone_isolate._sys.libc import CLONE_NEWNET, CLONE_NEWUSER, CapData, CapHeader
 from forgeone_isolate.launch import LaunchResult, run_plan
 from forgeone_isolate.plan import SandboxPlan
 
@@ -155,18 +155,6 @@ def test_fork_is_killed(base_plan: SandboxPlan) -> None:
 # ------------------------------------------------ capabilities really gone (filter widened)
 
 
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    ]
-
-
 def test_privileged_operation_fails_with_eperm(base_plan: SandboxPlan) -> None:
     """sethostname needs CAP_SYS_ADMIN in the UTS namespace's owner: it must be gone."""
     widened = dataclasses.replace(
@@ -204,11 +192,11 @@ def test_setuid_and_capset_regain_nothing(base_plan: SandboxPlan) -> None:
         sethostname = c.sethostname
         sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         sethostname.restype = ctypes.c_int
-        header = _CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
-        full = (_CapData * 2)()
+        header = CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
+        full = (CapData * 2)()
         for d in full:
             d.effective = d.permitted = d.inheritable = 0xFFFFFFFF
-        now = (_CapData * 2)()
+        now = (CapData * 2)()
         hdr, full_p, now_p = ctypes.byref(header), ctypes.byref(full), ctypes.byref(now)
 
         def payload() -> int:

@@ -165,11 +165,15 @@ def set_securebits(bits: int) -> None:
     _check(_libc.prctl(PR_SET_SECUREBITS, bits, 0, 0, 0), "PR_SET_SECUREBITS")
 
 
-class _CapHeader(ctypes.Structure):
+class CapHeader(ctypes.Structure):
+    """struct __user_cap_header_struct (<linux/capability.h>)."""
+
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
 
-class _CapData(ctypes.Structure):
+class CapData(ctypes.Structure):
+    """struct __user_cap_data_struct: one 32-bit word of each set (version 3 uses two)."""
+
     _fields_ = [
         ("effective", ctypes.c_uint32),
         ("permitted", ctypes.c_uint32),
@@ -179,8 +183,8 @@ class _CapData(ctypes.Structure):
 
 def capset_clear() -> None:
     """capset(2): effective, permitted and inheritable all empty (all 64 bits)."""
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
+    header = CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (CapData * 2)()
     _check(_libc.syscall(SYS_capset, ctypes.byref(header), ctypes.byref(data)), "capset")
 
 
