@@ -181,6 +181,11 @@ def test_every_layer_from_outside_while_the_plugin_runs(
         for key in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
             assert status[key] == ZERO_CAPS, key
         assert status["NSpid"].split()[-1] == "1"  # PID 1 of its own namespace
+        # No handler of the supervisor's Python survives in PID 1 (wasmtime's own trap
+        # handlers for SIGILL/SIGFPE/SIGSEGV/SIGBUS are expected).
+        caught = int(_read(f"/proc/{pid}/status").split("SigCgt:")[1].split()[0], 16)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+            assert not caught & (1 << (sig - 1)), f"PID 1 still catches {sig.name}"
         uid_map = _read(f"/proc/{pid}/uid_map").split()
         assert uid_map[0] == "0"
         assert uid_map[2] == "1"
