@@ -24,12 +24,13 @@ def apply_rlimits(k: Kernel, limits: Iterable[tuple[str, int, int]]) -> None:
         k.setrlimit(NAMES[name], soft, hard)
 
 
-def vm_size_bytes(pid: int | None = None) -> int:
-    """The virtual size (VmSize) of ``pid`` (default: this process), for sizing RLIMIT_AS.
+def vm_size_bytes(pid: int) -> int:
+    """The virtual size (VmSize) of process ``pid`` (read by the parent for PID 1, which has
+    no /proc once pivoted), for sizing RLIMIT_AS.
 
     Raises: OSError when the process is gone.
     """
-    with open(f"/proc/{pid or 'self'}/status", encoding="ascii") as f:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
             if line.startswith("VmSize:"):
                 return int(line.split()[1]) * 1024
