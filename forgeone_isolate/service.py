@@ -138,26 +138,34 @@ def cgroup_usage(dirs: list[str]) -> dict[str, Any]:
             return None
 
     for d in dirs:
-        value = read(os.path.join(d, "cpuacct.usage"))
+        try:
+            present = set(os.listdir(d))  # one call, not an open per file a hierarchy lacks
+        except OSError:
+            continue
+
+        def value_of(name: str, d: str = d, present: set[str] = present) -> str | None:
+            return read(os.path.join(d, name)) if name in present else None
+
+        value = value_of("cpuacct.usage")
         if value is not None and value.isdigit():
             out["cpu_usage_ns"] = int(value)
-        stat_text = read(os.path.join(d, "cpu.stat"))
+        stat_text = value_of("cpu.stat")
         if stat_text:
             for line in stat_text.splitlines():
                 key, _, num = line.partition(" ")
                 if key == "usage_usec" and num.isdigit():
                     out["cpu_usage_ns"] = int(num) * 1000
         for name in ("memory.current", "memory.usage_in_bytes"):
-            value = read(os.path.join(d, name))
+            value = value_of(name)
             if value is not None and value.isdigit():
                 out["memory_bytes"] = int(value)
-        value = read(os.path.join(d, "pids.current"))
+        value = value_of("pids.current")
         if value is not None and value.isdigit():
             out["pids"] = int(value)
-        value = read(os.path.join(d, "freezer.state"))
+        value = value_of("freezer.state")
         if value:
             out["freezer"] = value
-        value = read(os.path.join(d, "cgroup.freeze"))
+        value = value_of("cgroup.freeze")
         if value in ("0", "1"):
             out["freezer"] = "FROZEN" if value == "1" else "THAWED"
     return out
@@ -285,6 +293,23 @@ class Runtime:
     op_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@dataclass(frozen=True)
+class Attested:
+    """What verifying a stored package established, kept by the digest of its bytes and
+    the trust store it was checked against (verification is a function of those alone)."""
+
+    manifest_bytes: bytes
+    signer: str
+    wasm_sha256: str
+
+
+#: the plugin host's events that a waiting thread can be waiting for (see wait_for)
+WAITED_EVENTS: Final = frozenset({"ready", "paused", "result", "exit", "error"})
+
+#: attestations kept at most (one per installed package and trust store generation)
+MAX_ATTESTED: Final = 4096
+
+
 @dataclass
 class Peer:
     """Who is on the other end of a control connection (SO_PEERCRED)."""
@@ -351,6 +376,7 @@ class Service:
         self.registry: Registry | None = None
         self.artifacts: ArtifactStore | None = None
         self._trust_cache: tuple[tuple[Any, ...], signing.TrustStore] | None = None
+        self._attested: dict[tuple[str, frozenset[str], frozenset[str]], Attested] = {}
         self.control: ControlServer | None = None
         self.metrics_server: ThreadingHTTPServer | None = None
 
@@ -620,7 +646,8 @@ class Service:
                     inst.results[ident] = ev
             elif kind in ("exit", "error"):
                 inst.final = ev
-            self.cond.notify_all()
+            if kind in WAITED_EVENTS:  # (a log line wakes nobody: every thread would re-check)
+                self.cond.notify_all()
 
     def _release_slot(self, inst: Instance) -> None:
         if inst.slot_held:
@@ -837,9 +864,6 @@ class Service:
         if cfg.cgroup_delegated:
             delegated = sorted(_own_cgroups())
         trust = self.trust()
-        # Verified for every start, here where it is cheap (this process is warm; a new
-        # plugin host would copy every page the verification touches): the signature over
-        # the stored bytes, the signer trusted and not revoked now, every member's hash.
         stored = self._reg().package_path(row.sha256)
         try:
             data = package.read_bounded_file(stored)
@@ -847,13 +871,12 @@ class Service:
             raise OpError(f"{name}: {e}") from None
         if hashlib.sha256(data).hexdigest() != row.sha256:  # before parsing a byte of it
             raise VerificationError(f"stored package {stored} does not hash to its registry digest")
-        pkg = package.verify_bytes(data, trust)
-        artifact = self._artifact_for(row.name, row.sha256, row.wasm_sha256, trust, pkg)
+        attested, artifact = self._attest(row.name, row.sha256, row.wasm_sha256, data, trust)
         return {
             "verified": {
-                "manifest_b64": base64.b64encode(pkg.manifest_bytes).decode("ascii"),
-                "signer": pkg.signer,
-                "wasm_sha256": hashlib.sha256(pkg.wasm).hexdigest(),
+                "manifest_b64": base64.b64encode(attested.manifest_bytes).decode("ascii"),
+                "signer": attested.signer,
+                "wasm_sha256": attested.wasm_sha256,
             },
             "name": name,
             "package": str(self._reg().package_path(row.sha256)),
@@ -872,6 +895,43 @@ class Service:
             "address_pool": str(cfg.address_pool),
             "delegated": delegated,
         }
+
+    def _attest(
+        self, name: str, sha256: str, wasm_sha256: str, data: bytes, trust: signing.TrustStore
+    ) -> tuple[Attested, Path]:
+        """Verify the stored package ``data`` (which hashes to ``sha256``) for a start: the
+        signature over its bytes, the signer trusted and not revoked now, every member's hash.
+        Returns what that established and the artifact of its module.
+
+        Done here for every start, where it is cheap (this process is warm; a plugin host
+        would copy every page the verification touches). The same bytes against the same
+        trusted and revoked sets verify the same way, so that result is kept: a new trust
+        store, a revocation or other bytes verify afresh.
+
+        Raises: VerificationError, PackageError, ManifestError.
+        """
+        key = (sha256, trust.trusted, trust.revoked)
+        store = self._store()
+        with self.lock:
+            attested = self._attested.get(key)
+        if (
+            attested is not None
+            and attested.wasm_sha256 == wasm_sha256
+            and store.known_good(wasm_sha256)
+        ):
+            return attested, store.path_for(wasm_sha256)
+        pkg = package.verify_bytes(data, trust)
+        artifact = self._artifact_for(name, sha256, wasm_sha256, trust, pkg)
+        return self._remember(pkg, trust), artifact
+
+    def _remember(self, pkg: package.VerifiedPackage, trust: signing.TrustStore) -> Attested:
+        """Keep what verifying ``pkg`` against ``trust`` established (see :meth:`_attest`)."""
+        attested = Attested(pkg.manifest_bytes, pkg.signer, hashlib.sha256(pkg.wasm).hexdigest())
+        with self.lock:
+            if len(self._attested) >= MAX_ATTESTED:
+                self._attested.clear()
+            self._attested[(pkg.digest, trust.trusted, trust.revoked)] = attested
+        return attested
 
     def _uid_hint(self) -> int:
         """The lowest uid of the range that none of our instances holds."""
@@ -1084,10 +1144,12 @@ class Service:
             raise control.RequestError("install: restart must be 'no' or 'on-failure'")
         if max_restarts is not None and not 0 <= max_restarts <= 1000:
             raise control.RequestError("install: max_restarts must be in 0..1000")
-        pkg = package.verify_bytes(data, self.trust())
+        trust = self.trust()
+        pkg = package.verify_bytes(data, trust)
         m = pkg.manifest
         info = wasm.check_module(pkg.wasm, m.limits.memory_mb)
         self._store().ensure(pkg.wasm, info.lifecycle)  # compiled once, here
+        self._remember(pkg, trust)  # (the stored bytes are these: a start need not redo it)
         cand = Candidate(
             name=m.name,
             version=m.version,

@@ -278,7 +278,8 @@ def fresh(tmp_path: Path, keys: Keys) -> Iterator[Callable[..., Service]]:
     made: list[Service] = []
 
     def make(**overrides: Any) -> Service:
-        s = Service(tmp_path / f"svc{len(made)}", keys, **overrides)
+        own_keys = overrides.pop("keys", keys)  # a test's own trust store
+        s = Service(tmp_path / f"svc{len(made)}", own_keys, **overrides)
         made.append(s)
         return s
 
@@ -566,6 +567,33 @@ def test_a_stored_package_tampered_on_disk_is_refused_at_start(
     svc.ok("start", "ondisk")
     svc.ok("stop", "ondisk")
     svc.ok("uninstall", "ondisk")
+
+
+def test_a_signer_revoked_after_install_is_refused_at_the_next_start(
+    fresh: Callable[..., Service], keys: Keys, packages: Packages, tmp_path: Path
+) -> None:
+    """Every start verifies against the trust store as it is now: what an earlier
+    verification established (kept, so a start need not redo it) does not outlive a
+    revocation, nor does the refusal outlive the signer's reinstatement."""
+    trust_dir = tmp_path / "trust"
+    trust_dir.mkdir()
+    shutil.copyfile(keys.trust, trust_dir / "signer.pub")
+    s = fresh(keys=Keys(keys.key, trust_dir, keys.fingerprint)).start()
+    try:
+        s.ok("install", str(packages.get("revokable")))
+        s.ok("start", "revokable")
+        s.ok("stop", "revokable")
+        (trust_dir / signing.REVOKED_NAME).write_text(keys.fingerprint + "\n")
+        proc = s.cli("start", "revokable")
+        assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
+        assert "is revoked" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert wait_for(lambda: s.plugin("revokable")["state"] == "failed")
+        (trust_dir / signing.REVOKED_NAME).write_text("")
+        s.ok("start", "revokable")
+        s.ok("stop", "revokable")
+    finally:
+        assert s.terminate() == 0, s.log_text()[-3000:]
 
 
 # ----------------------------------------------------------------------------- the control socket
