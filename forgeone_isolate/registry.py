@@ -29,7 +29,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -415,9 +415,23 @@ class Registry:
 
     # -- instances (crash cleanup) ---------------------------------------------------
 
+    @contextlib.contextmanager
+    def _undurable(self) -> Iterator[None]:
+        """One transaction committed without waiting for the disk (``synchronous=NORMAL``:
+        the WAL is synced at the next durable commit or checkpoint). Only for what is moot
+        after a power loss: a crash of this process loses nothing committed either way."""
+        with self._lock:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self._db:
+                    yield
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
+
     def add_instance(self, instance: str, name: str, cgroups: list[str]) -> None:
-        """Remember the cgroup directories of a started instance."""
-        with self._lock, self._db:
+        """Remember the cgroup directories of a started instance (for the cleanup after a
+        crash of the service; cgroups do not outlive a reboot, so this need not be synced)."""
+        with self._undurable():
             self._db.execute(
                 "INSERT OR REPLACE INTO instances(instance, name, cgroups, started_at)"
                 " VALUES(?,?,?,?)",
@@ -426,7 +440,7 @@ class Registry:
 
     def remove_instance(self, instance: str) -> None:
         """Forget an instance (its cgroups are gone)."""
-        with self._lock, self._db:
+        with self._undurable():
             self._db.execute("DELETE FROM instances WHERE instance=?", (instance,))
 
     def instances(self) -> list[tuple[str, str, list[str]]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,30 @@ def test_state_survives_reopening(tmp_path: Path) -> None:
     finally:
         again.close()
     assert (tmp_path / "registry.sqlite3").stat().st_mode & 0o777 == 0o600
+
+
+def test_only_instance_rows_skip_the_disk_sync(reg: Registry) -> None:
+    """Instance rows (crash cleanup of cgroups, which a reboot removes anyway) commit
+    without fsync; every other write, before and after them, stays synchronous=FULL."""
+
+    def synchronous() -> int:
+        return int(reg._db.execute("PRAGMA synchronous").fetchone()[0])
+
+    assert synchronous() == 2  # FULL
+    seen: list[int] = []
+    reg._db.set_trace_callback(
+        lambda sql: seen.append(synchronous()) if sql.startswith("INSERT OR REPLACE") else None
+    )
+    reg.add_instance("i1", "hello", ["/x"])
+    reg._db.set_trace_callback(None)
+    assert seen == [1]  # NORMAL while the row was written
+    assert synchronous() == 2
+    with pytest.raises(sqlite3.IntegrityError):
+        reg.add_instance("i2", None, [])  # type: ignore[arg-type]  # NOT NULL name
+    assert synchronous() == 2  # restored after a failed write too
+    reg.remove_instance("i1")
+    assert synchronous() == 2
+    assert reg.instances() == []
 
 
 def test_package_path_refuses_non_digests(reg: Registry) -> None:
