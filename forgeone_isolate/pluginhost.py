@@ -42,14 +42,25 @@ import socket
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from forgeone_isolate import abi, artifacts, cgroup, fds, guest, package, policy, signing, wasm
+from forgeone_isolate import (
+    abi,
+    artifacts,
+    cgroup,
+    fds,
+    guest,
+    package,
+    policy,
+    seccomp_filter,
+    signing,
+    wasm,
+)
 from forgeone_isolate import manifest as mf
 from forgeone_isolate import protocol as p
 from forgeone_isolate.audit import AuditLog
 from forgeone_isolate.errors import BadInputError, IsolateError, VerificationError
 from forgeone_isolate.forkserver import EXIT_INTERNAL
 from forgeone_isolate.kvstore import KvStore
-from forgeone_isolate.plan import DEFAULT_ADDRESS_POOL
+from forgeone_isolate.plan import DEFAULT_ADDRESS_POOL, NOFILE
 from forgeone_isolate.uidpool import UidLease, lease_uid
 
 MAX_MESSAGE: Final = 256 * 1024
@@ -393,7 +404,9 @@ def warm_up() -> None:
     artifacts.decode(bytes(32), artifacts.encode(bytes(32), art), digest)
     # The engine and the linker with the shims, shared by every host (guest._runtime)
     guest.prepare(art.serialized, 16 << 20, ("init",), fds.BROKER_FD)
-    build_plan(pkg.manifest, pkg.signer, 1, ("init",), eff, limits, 0)
+    warm_plan = build_plan(pkg.manifest, pkg.signer, 1, ("init",), eff, limits, 0)
+    # The seccomp filter of every plan (one allow-list): built once here, not in each host
+    seccomp_filter.filter_for(warm_plan.seccomp_allow, warm_plan.seccomp_min_fd, NOFILE - 1)
     _cgroups(())
     json.loads(json.dumps({"ev": "warm", "output": base64.b64encode(b"warm").decode()}))
     sqlite3.connect(":memory:").close()
