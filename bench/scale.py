@@ -100,8 +100,9 @@ def cpu_busy_s() -> float:
 
 
 def cpu_s(proc: psutil.Process | None) -> float:
-    """CPU seconds a process has run, from /proc/<pid>/schedstat (nanoseconds; the
-    tick-sampled user/system times of /proc/<pid>/stat miss processes that run < 10 ms)."""
+    """CPU seconds a process has run, from /proc/<pid>/task/*/schedstat (nanoseconds; the
+    tick-sampled user/system times of /proc/<pid>/stat miss processes that run < 10 ms).
+    Threads that have ended are not listed there: see :func:`process_cpu_s`."""
     if proc is None:
         return 0.0
     total = 0
@@ -112,6 +113,25 @@ def cpu_s(proc: psutil.Process | None) -> float:
     except (OSError, ValueError, IndexError):
         pass
     return total / 1e9
+
+
+def process_cpu_s(proc: psutil.Process | None) -> float:
+    """CPU seconds of a long-lived process, ended threads included (user + system times of
+    /proc/<pid>/stat, in clock ticks: for the service, whose connection threads end)."""
+    if proc is None:
+        return 0.0
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def minor_faults(pid: int) -> int:
+    """Minor page faults a process has taken (field 10 of /proc/<pid>/stat): mostly
+    copy-on-write of the image it was forked from."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _trivial_host(spec: dict[str, Any], chan: Any) -> Any:
@@ -151,6 +171,9 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--single", type=int, default=20, help="one-at-a-time launches timed")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
+    ap.add_argument(
+        "--perf", type=Path, help="record the concurrent starts machine-wide (perf record -a -g)"
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/scale.py runs the service: run it as root")
@@ -237,7 +260,15 @@ def main() -> int:
         fs_proc = next(
             (k for k in svc_proc.children() if k.name().startswith("forgeone-forksv")), None
         )
-        own0 = {"service": cpu_s(svc_proc), "fork server": cpu_s(fs_proc)}
+        own0 = {"service": process_cpu_s(svc_proc), "fork server": process_cpu_s(fs_proc)}
+        perf = None
+        if args.perf is not None:
+            perf = subprocess.Popen(
+                ["perf", "record", "-a", "-g", "-F", "1999", "-o", str(args.perf)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)  # perf needs a moment before it samples
         busy0 = cpu_busy_s()
         t0 = time.perf_counter()
         for t in threads:
@@ -245,12 +276,15 @@ def main() -> int:
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        if perf is not None:
+            perf.send_signal(signal.SIGINT)
+            perf.wait()
         results["cpu_ms_per_launch"] = round((cpu_busy_s() - busy0) * 1000 / args.n, 1)
         # Where that CPU went: the service and fork server during the starts, and what each
         # plugin's processes have used since they were forked (they are all still alive).
         by_role = {
-            "service": cpu_s(svc_proc) - own0["service"],
-            "fork server": cpu_s(fs_proc) - own0["fork server"],
+            "service": process_cpu_s(svc_proc) - own0["service"],
+            "fork server": process_cpu_s(fs_proc) - own0["fork server"],
         }
         results["cpu_ms_by_role"] = by_role
         results["launch_all_s"] = round(wall, 3)
@@ -273,6 +307,7 @@ def main() -> int:
                 continue
         roles: dict[str, list[float]] = {"host": [], "keeper": [], "pid1": []}
         role_cpu: dict[str, float] = {"host": 0.0, "keeper": 0.0, "pid1": 0.0}
+        role_faults: dict[str, int] = {"host": 0, "keeper": 0, "pid1": 0}
         for p in running:
             try:
                 host = psutil.Process(int(p["host_pid"]))
@@ -280,12 +315,16 @@ def main() -> int:
                 for role, proc_ in zip(roles, chain, strict=False):
                     roles[role].append(proc_.memory_full_info().uss / MIB)
                     role_cpu[role] += cpu_s(proc_)
+                    role_faults[role] += minor_faults(proc_.pid)
             except psutil.NoSuchProcess:
                 continue
         for role, total in role_cpu.items():
             results["cpu_ms_by_role"][role] = total
         results["cpu_ms_by_role"] = {
             k: round(v * 1000 / args.n, 2) for k, v in results["cpu_ms_by_role"].items()
+        }
+        results["minor_faults_by_process"] = {
+            role: round(total / max(1, len(running))) for role, total in role_faults.items()
         }
         results["uss_mib_by_process"] = {
             role: round(statistics.fmean(v), 2) for role, v in roles.items() if v
@@ -371,6 +410,10 @@ def main() -> int:
         (
             "  CPU ms per launch, by process",
             "  ".join(f"{k} {v}" for k, v in results["cpu_ms_by_role"].items()),
+        ),
+        (
+            "  minor faults per launch, by process",
+            "  ".join(f"{k} {v}" for k, v in results["minor_faults_by_process"].items()),
         ),
         (
             "launch latency (ms, one at a time)",
