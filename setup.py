@@ -9,7 +9,7 @@ setup(
             "forgeone_isolate._sys._keeper",
             sources=["forgeone_isolate/_sys/_keeper.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-            # no lazy binding: the keeper gives back the loader's heap (see _keeper.c)
+            # no lazy binding: nothing resolved while the keeper shares PID 1's memory
             extra_link_args=["-Wl,-z,now"],
         )
     ]

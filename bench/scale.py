@@ -78,12 +78,31 @@ def pack_all(root: Path, n: int) -> tuple[Path, list[bytes]]:
     return pair.public_path, out
 
 
+def _same_memory(a: int, b: int) -> bool:
+    """kcmp(2) KCMP_VM: do processes a and b share one address space?"""
+    import ctypes
+
+    sys_kcmp = {"x86_64": 312, "aarch64": 272}[os.uname().machine]
+    return bool(ctypes.CDLL(None).syscall(sys_kcmp, a, b, 1, 0, 0) == 0)
+
+
+def own_memory(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """``procs`` less those sharing an address space with a later one (the keeper shares
+    PID 1's: those pages are PID 1's, counted once, there)."""
+    out: list[psutil.Process] = []
+    for p in reversed(procs):
+        if not any(_same_memory(p.pid, q.pid) for q in out):
+            out.append(p)
+    return out[::-1]
+
+
 def plugin_memory(host_pid: int) -> dict[str, int]:
-    """USS/PSS of a plugin host and its descendants (keeper, PID 1)."""
+    """USS/PSS of a plugin host and its descendants (keeper, PID 1), each address space
+    once."""
     host = psutil.Process(host_pid)
     procs = [host, *host.children(recursive=True)]
     uss = pss = rss = 0
-    for p in procs:
+    for p in own_memory(procs):
         info = p.memory_full_info()
         uss += info.uss
         pss += info.pss
@@ -312,8 +331,10 @@ def main() -> int:
             try:
                 host = psutil.Process(int(p["host_pid"]))
                 chain = [host, *host.children(recursive=True)]
+                own = own_memory(chain)
                 for role, proc_ in zip(roles, chain, strict=False):
-                    roles[role].append(proc_.memory_full_info().uss / MIB)
+                    shared = proc_ not in own
+                    roles[role].append(0.0 if shared else proc_.memory_full_info().uss / MIB)
                     role_cpu[role] += cpu_s(proc_)
                     role_faults[role] += minor_faults(proc_.pid)
             except psutil.NoSuchProcess:

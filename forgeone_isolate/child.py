@@ -1,8 +1,9 @@
 """The two child processes of a launch (see markers.py for their channel with the parent).
 
 The keeper (first fork, in C: ``_sys/_keeper.c``, started by :func:`fork_children`) leaves
-the host's namespaces, waits for the parent to map its ids, forks PID 1 of the new PID
-namespace and waits for it (the parent moves it into the plugin's cgroup meanwhile).
+the host's namespaces, waits for the parent to map its ids, makes PID 1 of the new PID
+namespace (a clone sharing its memory) and waits for it (the parent moves it into the
+plugin's cgroup meanwhile).
 ``sandbox_sequence`` (in PID 1): every remaining layer, in order, each step named so a
 failure reports ``(step, errno, message)``; halfway, it waits to be placed in its cgroup
 (READY/PLACED) and roots a cgroup namespace there; seccomp is last because once it is

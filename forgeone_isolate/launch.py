@@ -542,11 +542,17 @@ class _Supervisor:
             return
         try:
             self.pc.add_pid(pid)
-        except SetupError as e:
-            self.step_failed = {"step": e.step, "errno": e.errno, "message": e.message}
-            self.kill("setup failed")
-        except OSError as e:
-            self.step_failed = {"step": "cgroup-attach", "errno": e.errno or 0, "message": str(e)}
+        except (SetupError, OSError) as e:
+            if self.kill_reason is not None:
+                return  # killed meanwhile: the process is gone, nothing failed to set up
+            if isinstance(e, SetupError):
+                self.step_failed = {"step": e.step, "errno": e.errno, "message": e.message}
+            else:
+                self.step_failed = {
+                    "step": "cgroup-attach",
+                    "errno": e.errno or 0,
+                    "message": str(e),
+                }
             self.kill("setup failed")
 
     def _send_marker(self, marker: str, **fields: Any) -> None:
@@ -566,6 +572,14 @@ class _Supervisor:
 
     def _on_marker(self, msg: dict[str, Any]) -> bool:
         m = msg.get("m")
+        if self.kill_reason is not None and m in (
+            markers.UNSHARED,
+            markers.READY,
+            markers.FILTERED,
+        ):
+            # Killed meanwhile (SIGTERM, a timeout...): nothing more to set up or observe,
+            # and what this marker would have checked is gone, not a setup failure.
+            return True
         if m == markers.UNSHARED:
             self._mark("unshared_ms")
             try:
@@ -634,6 +648,8 @@ class _Supervisor:
                 }
             self.result.isolation = observe.observe(self.pid1)
             gaps = isolation_gaps(self.result.isolation, self.plan)
+            if self.kill_reason is not None:
+                return True  # killed while we looked (a SIGTERM's handler ran): see above
             if gaps:  # not as planned, seen from outside: no lifecycle export, no call heard
                 self.step_failed = {
                     "step": "observe",

@@ -170,8 +170,22 @@ def proc_status_field(pid: int, key: str) -> str | None:
     return None
 
 
+def shares_memory(a: int, b: int) -> bool:
+    """Whether processes ``a`` and ``b`` share one address space (kcmp(2) KCMP_VM)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_kcmp = {"x86_64": 312, "aarch64": 272}[os.uname().machine]
+    r = libc.syscall(sys_kcmp, a, b, 1, 0, 0)  # KCMP_VM
+    if r < 0:
+        raise OSError(ctypes.get_errno(), f"kcmp({a}, {b}, KCMP_VM)")
+    return bool(r == 0)
+
+
 def find_sandboxed_pid(root_pid: int, timeout: float = PROMPT_S) -> int:
-    """The pid of a descendant of ``root_pid`` under a seccomp filter (PID 1 of a plugin).
+    """The pid of a descendant of ``root_pid`` under a seccomp filter that is PID 1 of its
+    own PID namespace: a plugin's PID 1 (its keeper, outside that namespace, is filtered
+    too).
 
     Polls until one shows ``Seccomp: 2``; fails the test after ``timeout``.
     """
@@ -182,7 +196,9 @@ def find_sandboxed_pid(root_pid: int, timeout: float = PROMPT_S) -> int:
         except psutil.NoSuchProcess:
             break
         for kid in kids:
-            if proc_status_field(kid.pid, "Seccomp") == "2":
+            if proc_status_field(kid.pid, "Seccomp") == "2" and (
+                proc_status_field(kid.pid, "NSpid") or ""
+            ).split()[-1:] == ["1"]:
                 return int(kid.pid)
         time.sleep(0.005)
     pytest.fail(f"no sandboxed descendant of {root_pid} appeared within {timeout} s")

@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -945,6 +946,24 @@ def test_a_launch_whose_observed_isolation_falls_short_never_runs_the_plugin(
     # the guest's call was never heard (nor answered): no record of it
     audit = launcher.state / "audit" / f"{PREFIX}unobserved.jsonl"
     assert "log" not in [r["op"] for r in _records(audit)]
+
+
+def test_a_sigterm_while_the_parent_observes_is_a_kill_not_a_setup_failure(
+    launcher: Launcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM to the supervisor while it reads /proc/<PID 1>: the handler kills the
+    sandbox, so what the parent then sees is nothing at all. That is the kill the operator
+    asked for (status killed, "supervisor terminated"), not an isolation shortfall."""
+    from forgeone_isolate import observe
+
+    def terminated_meanwhile(pid: int) -> dict[str, Any]:
+        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor's own handler runs here
+        return {}  # read after the kill: no process left to see
+
+    monkeypatch.setattr(observe, "observe", terminated_meanwhile)
+    run = launcher.run("termobserve", MINIMAL)
+    assert run.result.status == "killed", run.result.reason
+    assert run.result.reason == "supervisor terminated"
 
 
 def _records(path: Path) -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ from plugin_utils import (  # noqa: E402
     find_sandboxed_pid,
     proc_status_field,
     run_launch,
+    shares_memory,
     start_launch,
     wait_gone,
 )
@@ -208,18 +209,18 @@ def test_every_layer_from_outside_while_the_plugin_runs(
 
         assert os.listdir(f"/proc/{pid}/root") == []  # an empty root
 
-        # The keeper (PID 1's parent, outside its PID namespace) gave back the interpreter
-        # it was forked with: a few pages of its own, not the ~1.5 MiB it would otherwise
-        # keep while the plugin runs. Its seen mappings: no heap, no Python arenas.
+        # The keeper (PID 1's parent, outside its PID namespace) shares PID 1's memory, so
+        # it holds none of its own; and it is confined at least as tightly as PID 1: its
+        # own filter, no_new_privs, no capability in any set.
         keeper = psutil.Process(pid).ppid()
-        rollup = _read(f"/proc/{keeper}/smaps_rollup")
-        private = sum(
-            int(line.split()[1])
-            for line in rollup.splitlines()
-            if line.startswith(("Private_Dirty:", "Private_Clean:"))
-        )
-        assert private < 512, f"the keeper holds {private} KiB of its own"
-        assert "[heap]" not in _read(f"/proc/{keeper}/maps")
+        assert shares_memory(keeper, pid)
+        assert not shares_memory(keeper, proc.pid)
+        keeper_status = _status(keeper)
+        assert keeper_status["Seccomp"] == "2"
+        assert keeper_status["NoNewPrivs"] == "1"
+        for key in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
+            assert keeper_status[key] == ZERO_CAPS, f"keeper {key}"
+        assert len(keeper_status["NSpid"].split()) == 1  # outside PID 1's namespace
         interfaces = [
             line.split(":", 1)[0].strip() for line in _read(f"/proc/{pid}/net/dev").splitlines()[2:]
         ]

@@ -2,15 +2,21 @@
  * The keeper: the first child of a launch, in C.
  *
  * fork_keeper() forks the keeper, which leaves the host's namespaces, waits for the parent
- * to write its uid/gid maps, forks PID 1 of the new PID namespace, then waits for it and
+ * to write its uid/gid maps, makes PID 1 of the new PID namespace, then waits for it and
  * reports its wait status. PID 1 returns from fork_keeper() with 0 and goes on in Python
- * (child.pid1_main); the parent gets the keeper's pid. The keeper itself never returns to
+ * (child._plugin_main); the parent gets the keeper's pid. The keeper itself never returns to
  * Python: it runs these few system calls and nothing else.
  *
  * Why C: a keeper written in Python executes interpreter code that writes to ~240 pages
  * inherited from the parent (reference counts, frames, the allocator), each write a
  * copy-on-write fault (~3.5 us on these machines), and the private copies stay for the
  * plugin's whole life (1.6 MiB per plugin). This keeper touches a few pages of stack.
+ *
+ * PID 1 is a clone of the keeper that shares its memory (CLONE_VM, see keeper_tail): a
+ * fork would copy the page tables of the interpreter the keeper was forked with (~1 ms),
+ * and the keeper would then hold the pages both later write. So the keeper, once PID 1
+ * exists, writes nothing PID 1 reads (raw system calls on a stack of its own), and is
+ * confined at least as tightly as PID 1 (no capability, no_new_privs, its own filter).
  *
  * The setup channel's messages are the ones markers.py documents, written here as the
  * same JSON (json.dumps of {"m": MARKER, ...}): UNSHARED, STEP_FAILED {step, errno,
@@ -28,12 +34,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <stdint.h>
-#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #define EXIT_SETUP_FAILED 120
@@ -149,89 +155,56 @@ static pid_t fork_into(int cgroup_fd, int *placed) {
     return fork();
 }
 
-/* What the keeper gives back once PID 1 is forked. Until then it is a copy of the parent
- * (a CPython process); afterwards it only waits, and every page of the interpreter that
- * the parent and PID 1 have both written since would stay in it as its own copy (1.3-1.5
- * MiB per plugin). So while the parent maps its ids (its /proc is still the host's), it lists the
- * writable private mappings it will not need: all but its stack, its thread block (TLS,
- * errno, the stack guard) and the mappings of libc, the dynamic loader and this module
- * (which is linked with -z now: no lazy binding, which would need the loader's heap). */
-#define MAX_DROPS 4096
-static struct {
-    uintptr_t lo, hi;
-} drops[MAX_DROPS];
-static int n_drops;
-
-static int keep_mapping(uintptr_t lo, uintptr_t hi, const char *perms, const char *path,
-                        int follows_kept_lib) {
-    uintptr_t tp = (uintptr_t)__builtin_thread_pointer();
-    char here;
-    uintptr_t sp = (uintptr_t)&here;
-    if (perms[1] != 'w' || perms[3] != 'p')
-        return 1; /* read-only or shared: nothing of ours */
-    if ((tp >= lo && tp < hi) || (sp >= lo && sp < hi))
-        return 1;
-    if (path[0] == '[') /* [stack], [vdso], [vvar], [vsyscall] stay; [heap] goes */
-        return strcmp(path, "[heap]") != 0;
-    if (strstr(path, "/libc.so") || strstr(path, "/ld-linux") || strstr(path, "_keeper"))
-        return 1;
-    return path[0] == '\0' && follows_kept_lib; /* a library's .bss beyond its file */
+/* After PID 1 exists the keeper shares its memory (see keeper()), so from then on it makes
+ * no call that writes anywhere PID 1 could read: no libc wrapper (errno is in the thread
+ * block they share), no stdio, no steps[]. These are the system calls it makes then, raw. */
+#if defined(__x86_64__)
+#define FO_AUDIT_ARCH 0xc000003eU /* AUDIT_ARCH_X86_64 */
+/* nr(a, b, c, d), the fifth and sixth arguments 0 (prctl checks its unused ones) */
+static long raw4(long nr, long a, long b, long c, long d) {
+    long ret;
+    register long r10 __asm__("r10") = d;
+    register long r8 __asm__("r8") = 0;
+    register long r9 __asm__("r9") = 0;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(nr), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
+                     : "rcx", "r11", "memory");
+    return ret;
 }
+#elif defined(__aarch64__)
+#define FO_AUDIT_ARCH 0xc00000b7U /* AUDIT_ARCH_AARCH64 */
+static long raw4(long nr, long a, long b, long c, long d) {
+    register long x8 __asm__("x8") = nr;
+    register long x0 __asm__("x0") = a;
+    register long x1 __asm__("x1") = b;
+    register long x2 __asm__("x2") = c;
+    register long x3 __asm__("x3") = d;
+    register long x4 __asm__("x4") = 0;
+    register long x5 __asm__("x5") = 0;
+    __asm__ volatile("svc 0"
+                     : "+r"(x0)
+                     : "r"(x8), "r"(x1), "r"(x2), "r"(x3), "r"(x4), "r"(x5)
+                     : "memory");
+    return x0;
+}
+#else
+#error "the keeper is written for x86_64 and aarch64 (its raw system calls and its filter)"
+#endif
 
-static void plan_drops(void) {
-    int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return; /* nothing given back: only memory is lost */
-    char buf[16384];
-    size_t have = 0;
-    uintptr_t prev_hi = 0;
-    int prev_kept_lib = 0, prev_dropped = 0;
-    for (;;) {
-        ssize_t got = read(fd, buf + have, sizeof buf - 1 - have);
-        if (got <= 0)
-            break;
-        have += (size_t)got;
-        buf[have] = '\0';
-        char *line = buf, *nl;
-        while ((nl = memchr(line, '\n', have - (size_t)(line - buf))) != NULL) {
-            *nl = '\0';
-            unsigned long lo, hi;
-            char perms[8] = "", path[512] = "";
-            if (sscanf(line, "%lx-%lx %7s %*s %*s %*s %511[^\n]", &lo, &hi, perms, path) >= 3) {
-                char *pth = path;
-                while (*pth == ' ')
-                    pth++;
-                int kept = keep_mapping(lo, hi, perms, pth, lo == prev_hi && prev_kept_lib);
-                int lib = pth[0] == '/' && kept;
-                if (!kept && prev_dropped && n_drops > 0) {
-                    drops[n_drops - 1].hi = hi; /* one munmap over both (and the gap) */
-                } else if (!kept && n_drops < MAX_DROPS) {
-                    drops[n_drops].lo = lo;
-                    drops[n_drops].hi = hi;
-                    n_drops++;
-                }
-                prev_dropped = !kept;
-                prev_hi = hi;
-                prev_kept_lib = lib || (pth[0] == '\0' && kept && prev_kept_lib);
-            }
-            line = nl + 1;
-        }
-        have -= (size_t)(line - buf);
-        memmove(buf, line, have);
+static void raw_say(int fd, const char *text, size_t n) {
+    while (raw4(SYS_write, fd, (long)text, (long)n, 0) == -EINTR) {
     }
-    close(fd);
 }
 
-static void give_back(void) {
-    for (int i = 0; i < n_drops; i++)
-        munmap((void *)drops[i].lo, drops[i].hi - drops[i].lo);
-}
-
-/* A JSON marker with one integer field, without stdio (its locale state may be gone). */
-static void say_int(int fd, const char *head, long value) {
+/* A JSON marker with one integer field, formatted on the keeper's own stack. */
+static void raw_say_int(int fd, const char *head, long value) {
     char buf[96];
-    size_t n = strlen(head);
-    memcpy(buf, head, n);
+    size_t n = 0;
+    while (head[n] != '\0') {
+        buf[n] = head[n];
+        n++;
+    }
     char digits[24];
     int d = 0;
     unsigned long v = value < 0 ? (unsigned long)(-value) : (unsigned long)value;
@@ -244,8 +217,103 @@ static void say_int(int fd, const char *head, long value) {
     while (d)
         buf[n++] = digits[--d];
     buf[n++] = '}';
-    buf[n] = '\0';
-    say(fd, buf);
+    raw_say(fd, buf, n);
+}
+
+/* The keeper's own seccomp filter, loaded once PID 1 exists: it may write (its markers),
+ * close, wait for PID 1 and exit; anything else kills it. It shares PID 1's memory, so a
+ * plugin that got code execution there could steer the keeper: this leaves it nothing
+ * more than PID 1's own filter allows, and no capability (see keeper_tail). */
+#define FO_BPF_LD_W_ABS 0x20
+#define FO_BPF_JEQ_K 0x15
+#define FO_BPF_RET_K 0x06
+#define FO_SECCOMP_RET_KILL_PROCESS 0x80000000U
+#define FO_SECCOMP_RET_ALLOW 0x7fff0000U
+struct fo_sock_filter {
+    uint16_t code;
+    uint8_t jt, jf;
+    uint32_t k;
+};
+struct fo_sock_fprog {
+    unsigned short len;
+    struct fo_sock_filter *filter;
+};
+static struct fo_sock_filter keeper_filter[] = {
+    {FO_BPF_LD_W_ABS, 0, 0, 4}, /* seccomp_data.arch */
+    {FO_BPF_JEQ_K, 1, 0, FO_AUDIT_ARCH},
+    {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_KILL_PROCESS},
+    {FO_BPF_LD_W_ABS, 0, 0, 0}, /* seccomp_data.nr (an x32 number never equals these) */
+    {FO_BPF_JEQ_K, 5, 0, SYS_write},
+    {FO_BPF_JEQ_K, 4, 0, SYS_close},
+    {FO_BPF_JEQ_K, 3, 0, SYS_wait4},
+    {FO_BPF_JEQ_K, 2, 0, SYS_exit_group},
+    {FO_BPF_JEQ_K, 1, 0, SYS_exit},
+    {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_KILL_PROCESS},
+    {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_ALLOW},
+};
+
+#define FO_CAPABILITY_VERSION_3 0x20080522
+struct fo_cap_header {
+    uint32_t version;
+    int pid;
+};
+struct fo_cap_data {
+    uint32_t effective, permitted, inheritable;
+};
+
+/* PID 1 is a clone of the keeper that shares its memory (CLONE_VM): no copy of the
+ * interpreter's page tables for it, and nothing for the keeper to give back afterwards.
+ * PID 1 resumes in keeper() on the stack the keeper was forked with (pid1_ctx); the
+ * keeper goes on, on a stack of its own (keeper_stack), in keeper_tail. */
+static ucontext_t pid1_ctx, keeper_ctx;
+static char keeper_stack[64 * 1024] __attribute__((aligned(16)));
+static char pid1_boot_stack[16 * 1024] __attribute__((aligned(16)));
+static struct {
+    int ctl, brk, n_extra;
+    int extra[4];
+} tail;
+
+static int pid1_boot(void *unused) {
+    setcontext(&pid1_ctx); /* returns only if it failed */
+    return EXIT_SETUP_FAILED;
+}
+
+static void keeper_tail(void) {
+    int ctl = tail.ctl;
+    long pid1 = clone(pid1_boot, pid1_boot_stack + sizeof pid1_boot_stack, CLONE_VM | SIGCHLD,
+                      NULL);
+    if (pid1 < 0)
+        fail(ctl, "fork-pid1", errno); /* (PID 1 does not exist: nobody shares errno yet) */
+    struct fo_cap_header head = {FO_CAPABILITY_VERSION_3, 0};
+    struct fo_cap_data none[2];
+    memset(none, 0, sizeof none);
+    struct fo_sock_fprog prog = {sizeof keeper_filter / sizeof keeper_filter[0], keeper_filter};
+    /* Each failure ends the keeper, and with it PID 1 (PR_SET_PDEATHSIG): never unconfined.
+     * The bounding set first (that takes CAP_SETPCAP), to the first number the kernel
+     * does not know. */
+    for (long cap = 0; cap < 64; cap++) {
+        long r = raw4(SYS_prctl, PR_CAPBSET_DROP, cap, 0, 0);
+        if (r == -EINVAL)
+            break;
+        if (r != 0)
+            raw4(SYS_exit_group, EXIT_SETUP_FAILED, 0, 0, 0);
+    }
+    if (raw4(SYS_capset, (long)&head, (long)none, 0, 0) != 0 ||
+        raw4(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0) != 0 ||
+        raw4(SYS_prctl, PR_SET_SECCOMP, 2 /* SECCOMP_MODE_FILTER */, (long)&prog, 0) != 0)
+        raw4(SYS_exit_group, EXIT_SETUP_FAILED, 0, 0, 0);
+    raw4(SYS_close, tail.brk, 0, 0, 0); /* only PID 1 holds the broker end: EOF there = gone */
+    for (int i = 0; i < tail.n_extra; i++)
+        raw4(SYS_close, tail.extra[i], 0, 0, 0);
+    raw_say_int(ctl, "{\"m\": \"PID1\", \"pid\": ", pid1);
+    int status = 0;
+    long r;
+    while ((r = raw4(SYS_wait4, pid1, (long)&status, 0, 0)) < 0) {
+        if (r != -EINTR)
+            raw4(SYS_exit_group, EXIT_PROTOCOL, 0, 0, 0);
+    }
+    raw_say_int(ctl, "{\"m\": \"EXITED\", \"status\": ", status);
+    raw4(SYS_exit_group, 0, 0, 0, 0);
 }
 
 /* The keeper's whole life. Returns only in PID 1 (with 0). */
@@ -268,7 +336,6 @@ static int keeper(int ctl, int brk, pid_t parent, int flags, const int *extra, i
         fail(ctl, "unshare", errno);
     record("keeper-unshare", t);
     say(ctl, "{\"m\": \"UNSHARED\"}");
-    plan_drops(); /* while the parent writes our maps (our /proc is still the host's) */
 
     char reply[64];
     ssize_t n;
@@ -287,32 +354,35 @@ static int keeper(int ctl, int brk, pid_t parent, int flags, const int *extra, i
     die_with_parent(parent); /* a credential change cleared it */
     record("keeper-setresuid", t);
 
+    /* No signal reaches the keeper's inherited handlers from here on (they are the
+     * parent's, and would run in memory PID 1 shares); the supervisor ends it with
+     * SIGKILL, pdeathsig too. PID 1 gets its signal mask back from pid1_ctx. */
     t = now_ms();
-    pid_t pid1 = fork();
-    if (pid1 < 0)
+    tail.ctl = ctl;
+    tail.brk = brk;
+    tail.n_extra = n_extra;
+    for (int i = 0; i < n_extra; i++)
+        tail.extra[i] = extra[i];
+    volatile int resumed = 0; /* in memory: PID 1 reads what the keeper wrote below */
+    if (getcontext(&pid1_ctx) != 0)
         fail(ctl, "fork-pid1", errno);
-    if (pid1 == 0) {
+    if (resumed) { /* PID 1, back on this stack */
         record("keeper-fork-pid1", t);
         return 0;
     }
-    close(brk); /* only PID 1 holds the broker end: EOF there means it is gone */
-    for (int i = 0; i < n_extra; i++)
-        close(extra[i]);
-    /* No signal reaches the keeper's inherited handlers any more (they are the parent's,
-     * in memory given back next); the supervisor ends it with SIGKILL, pdeathsig too. */
+    resumed = 1;
     sigset_t all;
     sigfillset(&all);
     sigprocmask(SIG_BLOCK, &all, NULL);
-    give_back();
-    say_int(ctl, "{\"m\": \"PID1\", \"pid\": ", pid1);
-    int status = 0;
-    while (waitpid(pid1, &status, 0) < 0) {
-        if (errno != EINTR)
-            syscall(SYS_exit_group, EXIT_PROTOCOL);
-    }
-    say_int(ctl, "{\"m\": \"EXITED\", \"status\": ", status);
-    syscall(SYS_exit_group, 0);
-    _exit(0);
+    if (getcontext(&keeper_ctx) != 0)
+        fail(ctl, "fork-pid1", errno);
+    keeper_ctx.uc_stack.ss_sp = keeper_stack;
+    keeper_ctx.uc_stack.ss_size = sizeof keeper_stack;
+    keeper_ctx.uc_link = NULL;
+    makecontext(&keeper_ctx, keeper_tail, 0);
+    setcontext(&keeper_ctx); /* never returns but on failure */
+    fail(ctl, "fork-pid1", errno);
+    return -1;
 }
 
 static PyObject *fork_keeper(PyObject *self, PyObject *args) {
