@@ -71,6 +71,11 @@ class SetupError(IsolateError):
         super().__init__(text)
 
 
+class WireError(IsolateError):
+    """What one of our processes sent another (a plan, say) is not what we write: a bug or
+    a mismatch of versions, never the plugin's or the operator's input."""
+
+
 class BrokerProtocolError(IsolateError):
     """Raised when a message from the child breaks the broker protocol."""
 

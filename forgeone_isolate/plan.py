@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from forgeone_isolate import abi, policy, seccomp_filter
+from forgeone_isolate.errors import WireError
 from forgeone_isolate.fds import BROKER_FD
 from forgeone_isolate.manifest import Limits, Manifest
 
@@ -154,3 +155,87 @@ def build_plan(
         effective=effective,
         requested=manifest.permissions.as_dict(),
     )
+
+
+_WIRE_STRINGS: Final = (
+    "plugin",
+    "version",
+    "signer",
+    "instance_id",
+    "hostname",
+    "scratch_mount",
+    "network",
+    "address_pool",
+)
+_WIRE_INTS: Final = (
+    "host_uid",
+    "host_gid",
+    "net_bps",
+    "address_index",
+    "memory_bytes",
+    "cgroup_memory_bytes",
+    "cpu_percent",
+    "pids",
+    "io_bps",
+    "timeout_s",
+    "as_headroom",
+    "seccomp_min_fd",
+)
+_WIRE_STRING_TUPLES: Final = ("namespaces", "seccomp_allow", "lifecycle")
+
+
+def plan_to_wire(plan: SandboxPlan) -> dict[str, Any]:
+    """``plan`` whole as JSON, for a process of ours (the service plans, a plugin host
+    runs it); :func:`plan_from_wire` reads it back."""
+    d: dict[str, Any] = {k: getattr(plan, k) for k in (*_WIRE_STRINGS, *_WIRE_INTS)}
+    d.update({k: list(getattr(plan, k)) for k in _WIRE_STRING_TUPLES})
+    d["io_device"] = list(plan.io_device) if plan.io_device is not None else None
+    d["rlimits"] = [list(r) for r in plan.rlimits]
+    d["effective"] = policy.effective_to_wire(plan.effective)
+    d["requested"] = plan.requested
+    return d
+
+
+def plan_from_wire(d: Any) -> SandboxPlan:
+    """The plan of :func:`plan_to_wire`. Raises: WireError naming the first field that is
+    not what that function writes."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(d, dict):
+        raise WireError("plan: not a table")
+    fields: dict[str, Any] = {}
+    for k in _WIRE_STRINGS:
+        if not isinstance(d.get(k), str):
+            raise WireError(f"plan.{k}: not a string")
+        fields[k] = d[k]
+    for k in _WIRE_INTS:
+        if not is_int(d.get(k)):
+            raise WireError(f"plan.{k}: not an integer")
+        fields[k] = d[k]
+    for k in _WIRE_STRING_TUPLES:
+        v = d.get(k)
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise WireError(f"plan.{k}: not a list of strings")
+        fields[k] = tuple(v)
+    io = d.get("io_device")
+    if io is not None and not (isinstance(io, list) and len(io) == 2 and all(map(is_int, io))):
+        raise WireError("plan.io_device: not [major, minor] or null")
+    fields["io_device"] = (io[0], io[1]) if io is not None else None
+    rl = d.get("rlimits")
+    if not isinstance(rl, list) or not all(
+        isinstance(r, list)
+        and len(r) == 3
+        and isinstance(r[0], str)
+        and is_int(r[1])
+        and is_int(r[2])
+        for r in rl
+    ):
+        raise WireError("plan.rlimits: not a list of [name, soft, hard]")
+    fields["rlimits"] = tuple((r[0], r[1], r[2]) for r in rl)
+    fields["effective"] = policy.effective_from_wire(d.get("effective"))
+    if not isinstance(d.get("requested"), dict):
+        raise WireError("plan.requested: not a table")
+    fields["requested"] = d["requested"]
+    return SandboxPlan(**fields)

@@ -33,9 +33,9 @@ import base64
 import collections
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import hashlib
-import ipaddress
 import json
 import os
 import socket
@@ -54,13 +54,12 @@ from forgeone_isolate import (
     signing,
     wasm,
 )
-from forgeone_isolate import manifest as mf
 from forgeone_isolate import protocol as p
 from forgeone_isolate.audit import AuditLog
-from forgeone_isolate.errors import BadInputError, IsolateError, VerificationError
+from forgeone_isolate.errors import BadInputError, IsolateError, VerificationError, WireError
 from forgeone_isolate.forkserver import EXIT_INTERNAL
 from forgeone_isolate.kvstore import KvStore
-from forgeone_isolate.plan import DEFAULT_ADDRESS_POOL, NOFILE
+from forgeone_isolate.plan import NOFILE, SandboxPlan, plan_from_wire
 from forgeone_isolate.uidpool import UidLease, lease_uid
 
 MAX_MESSAGE: Final = 256 * 1024
@@ -175,21 +174,6 @@ def plugin_host_main(spec: dict[str, Any], sock: socket.socket) -> NoReturn:
         os._exit(status)
 
 
-def _compiled(spec: dict[str, Any], module: bytes, memory_mb: int) -> tuple[bytes, tuple[str, ...]]:
-    """The serialised module and its lifecycle exports: the service's artifact when it
-    checks out (HMAC, digest of this very module), else compiled here."""
-    if spec.get("artifact") and spec.get("artifact_key"):
-        found = artifacts.load_artifact(
-            Path(spec["artifact"]),
-            bytes.fromhex(spec["artifact_key"]),
-            hashlib.sha256(module).hexdigest(),
-        )
-        if found is not None:
-            return found.serialized, found.lifecycle
-    info = wasm.check_module(module, memory_mb)
-    return wasm.compile_serialized(module), info.lifecycle
-
-
 def _lease(spec: dict[str, Any]) -> UidLease:
     """A host uid from the service's range, searched from the service's hint (the lowest
     uid none of its instances holds), so a busy service does not open hundreds of lock
@@ -210,47 +194,39 @@ def _cgroups(delegated: tuple[str, ...]) -> cgroup.CgroupHost:
     return found
 
 
-def _verified(spec: dict[str, Any], name: str) -> tuple[mf.Manifest, str, bytes, tuple[str, ...]]:
-    """The plugin's manifest, signer, compiled module and lifecycle exports.
+def _module(spec: dict[str, Any], plan: SandboxPlan) -> bytes:
+    """The compiled guest module of the service's plan, serialised.
 
-    The service verified the stored package for this start (signature, signer trusted and
-    not revoked, every hash) and sends its manifest, signer and module digest; with the
-    service's HMAC'd artifact of that very module nothing more is needed. Otherwise (no
-    such artifact) the package is read and verified here, and the module compiled.
+    The service verified the stored package for this start and planned from what it
+    established; the module it attested is the one whose digest the spec names. Its
+    HMAC'd artifact of that very module is taken as it is. Without one (gone, or not
+    ours), the stored package is read and verified here, against the service's trust
+    store, and must hold that module: then it is compiled here.
 
     Raises: VerificationError, PackageError, ManifestError, WasmError.
     """
-    verified = spec.get("verified")
-    if isinstance(verified, dict) and spec.get("artifact") and spec.get("artifact_key"):
-        manifest = mf.parse_manifest(base64.b64decode(str(verified["manifest_b64"])))
+    digest = str(spec["wasm_sha256"])
+    if spec.get("artifact") and spec.get("artifact_key"):
         found = artifacts.load_artifact(
-            Path(spec["artifact"]),
-            bytes.fromhex(spec["artifact_key"]),
-            str(verified["wasm_sha256"]),
+            Path(spec["artifact"]), bytes.fromhex(spec["artifact_key"]), digest
         )
         if found is not None:
-            _check_name(manifest, name)
-            return manifest, str(verified["signer"]), found.serialized, found.lifecycle
-    if "trusted" in spec:  # the service's trust store, already read (no key parsing here)
-        trust = signing.TrustStore(
-            frozenset(spec["trusted"]), frozenset(spec.get("revoked", ())), str(spec["trust"])
-        )
-    else:
-        trust = signing.TrustStore.load(Path(spec["trust"]))
+            return found.serialized
+    trust = signing.TrustStore(
+        frozenset(spec["trusted"]), frozenset(spec.get("revoked", ())), str(spec["trust"])
+    )
     data = package.read_bounded_file(Path(spec["package"]))
     if hashlib.sha256(data).hexdigest() != spec["sha256"]:
         raise VerificationError(
             f"stored package {spec['package']} does not hash to its registry digest"
         )
     pkg = package.verify_bytes(data, trust)
-    _check_name(pkg.manifest, name)
-    serialized, lifecycle = _compiled(spec, pkg.wasm, pkg.manifest.limits.memory_mb)
-    return pkg.manifest, pkg.signer, serialized, lifecycle
-
-
-def _check_name(manifest: mf.Manifest, name: str) -> None:
-    if manifest.name != name:
-        raise VerificationError(f"stored package names {manifest.name!r}, not {name!r}")
+    if pkg.manifest.name != plan.plugin:
+        raise VerificationError(f"stored package names {pkg.manifest.name!r}, not {plan.plugin!r}")
+    if hashlib.sha256(pkg.wasm).hexdigest() != digest:
+        raise VerificationError(f"stored package {spec['package']} holds another module")
+    wasm.check_module(pkg.wasm, pkg.manifest.limits.memory_mb)
+    return wasm.compile_serialized(pkg.wasm)
 
 
 def _refused(channel: HostChannel, e: IsolateError) -> int:
@@ -261,43 +237,35 @@ def _refused(channel: HostChannel, e: IsolateError) -> int:
 
 
 def run_host(spec: dict[str, Any], channel: HostChannel) -> int:
-    """Verify, plan and run one plugin; report on ``channel``. Returns the exit status."""
+    """Run the service's plan for one plugin; report on ``channel``. Returns the exit
+    status."""
     from forgeone_isolate import child
     from forgeone_isolate.launch import LaunchResult, record_result, run_plan
-    from forgeone_isolate.launch import io_device as launch_io_device
-    from forgeone_isolate.plan import build_plan
 
     name = str(spec["name"])
     state_dir = Path(spec["state_dir"])
     try:
-        manifest, signer, serialized, lifecycle = _verified(spec, name)
-        pol = (
-            policy.Policy.load(Path(spec["policy"]))
-            if spec.get("policy")
-            else policy.Policy.deny_all()
-        )
-        eff = policy.effective(manifest.permissions, pol.grant_for(signer, name), pol.defaults)
-        limits = policy.cap_limits(manifest.limits, eff)
+        planned = plan_from_wire(spec["plan"])
+    except (KeyError, WireError) as e:  # the service never sends this: not the plugin's fault
+        channel.send({"ev": "error", "message": f"internal: plan: {e}", "bad_input": False})
+        return EXIT_INTERNAL
+    try:
+        serialized = _module(spec, planned)
         cgroups = _cgroups(tuple(str(d) for d in spec.get("delegated", ())))
     except IsolateError as e:
         return _refused(channel, e)
-    pool = ipaddress.IPv4Network(spec.get("address_pool", DEFAULT_ADDRESS_POOL))
-    kv = KvStore(state_dir / "kv.sqlite3") if eff.kv else None
+    kv = KvStore(state_dir / "kv.sqlite3") if planned.effective.kv else None
     try:
         with (
             _lease(spec) as lease,
             AuditLog(state_dir / "audit" / f"{name}.jsonl") as audit_log,
         ):
-            plan = build_plan(
-                manifest,
-                signer,
-                lease.uid,
-                lifecycle,
-                eff,
-                limits,
-                lease.uid - int(spec["uid_first"]),  # the address index: from the range start
-                io_device=launch_io_device(state_dir),
-                address_pool=str(pool),
+            plan = dataclasses.replace(
+                planned,
+                host_uid=lease.uid,
+                host_gid=lease.uid,
+                # the plugin's veth addresses: by its uid's place in the range
+                address_index=lease.uid - int(spec["uid_first"]),
             )
             channel.send(
                 {
@@ -306,7 +274,7 @@ def run_host(spec: dict[str, Any], channel: HostChannel) -> int:
                     "version": plan.version,
                     "signer": plan.signer,
                     "uid": lease.uid,
-                    "limits": limits.as_dict(),
+                    "limits": spec.get("limits", {}),
                 }
             )
 

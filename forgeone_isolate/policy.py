@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from forgeone_isolate import manifest
-from forgeone_isolate.errors import ManifestError, PolicyError
+from forgeone_isolate.errors import ManifestError, PolicyError, WireError
 
 MAX_POLICY_BYTES: Final = 1024 * 1024
 MAX_GRANTS: Final = 4096
@@ -714,6 +714,83 @@ def _granted_paths(requested: Iterable[str], roots: tuple[str, ...]) -> tuple[st
     )
 
 
+def effective_to_wire(eff: Effective) -> dict[str, Any]:
+    """``eff`` whole, config values included, as JSON for a process of ours (the service
+    sends a plugin host its plan); :func:`effective_from_wire` reads it back."""
+    return {
+        "fs_read": list(eff.fs_read),
+        "fs_write": list(eff.fs_write),
+        "net_connect": sorted([h, p] for h, p in eff.net_connect),
+        "net_allow_networks": [str(n) for n in eff.net_allow_networks],
+        "kv": eff.kv,
+        "kv_quota_bytes": eff.kv_quota_bytes,
+        "config": dict(eff.config),
+        "rate_per_s": eff.rate_per_s,
+        "burst": eff.burst,
+        "limit_caps": dict(eff.limit_caps),
+    }
+
+
+def effective_from_wire(d: Any) -> Effective:
+    """The :class:`Effective` of :func:`effective_to_wire`. Raises: WireError naming the
+    field that is not what that function writes."""
+
+    def strings(key: str) -> tuple[str, ...]:
+        v = d.get(key)
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise WireError(f"effective.{key}: not a list of strings")
+        return tuple(v)
+
+    def mapping(key: str, kind: type) -> dict[str, Any]:
+        v = d.get(key)
+        if not isinstance(v, dict) or not all(
+            isinstance(k, str) and isinstance(x, kind) and not isinstance(x, bool)
+            for k, x in v.items()
+        ):
+            raise WireError(f"effective.{key}: not a table of {kind.__name__}")
+        return dict(v)
+
+    if not isinstance(d, dict):
+        raise WireError("effective: not a table")
+    pairs = d.get("net_connect")
+    if not isinstance(pairs, list) or not all(
+        isinstance(x, list)
+        and len(x) == 2
+        and isinstance(x[0], str)
+        and isinstance(x[1], int)
+        and not isinstance(x[1], bool)
+        for x in pairs
+    ):
+        raise WireError("effective.net_connect: not a list of [host, port]")
+    try:
+        networks = tuple(ipaddress.ip_network(n) for n in strings("net_allow_networks"))
+    except ValueError as e:
+        raise WireError(f"effective.net_allow_networks: {e}") from None
+    kv: Any = d.get("kv")
+    quota: Any = d.get("kv_quota_bytes")
+    rate: Any = d.get("rate_per_s")
+    burst: Any = d.get("burst")
+    if not isinstance(kv, bool):
+        raise WireError("effective.kv: not a boolean")
+    for key, v in (("kv_quota_bytes", quota), ("burst", burst)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise WireError(f"effective.{key}: not an integer")
+    if not isinstance(rate, int | float) or isinstance(rate, bool):
+        raise WireError("effective.rate_per_s: not a number")
+    return Effective(
+        fs_read=strings("fs_read"),
+        fs_write=strings("fs_write"),
+        net_connect=frozenset((h, p) for h, p in pairs),
+        net_allow_networks=networks,
+        kv=kv,
+        kv_quota_bytes=quota,
+        config=mapping("config", str),
+        rate_per_s=float(rate),
+        burst=burst,
+        limit_caps=mapping("limit_caps", int),
+    )
+
+
 def effective_as_dict(eff: Effective) -> dict[str, Any]:
     """``eff.as_dict()``: JSON-ready, config keys without their values."""
     return eff.as_dict()
@@ -930,6 +1007,8 @@ __all__ = [
     "check_resolved",
     "effective",
     "effective_as_dict",
+    "effective_from_wire",
+    "effective_to_wire",
     "index_key_lines",
     "normalize_host",
     "path_problem",

@@ -50,7 +50,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Final
 
-from forgeone_isolate import control, package, sdnotify, signing, wasm
+from forgeone_isolate import control, package, policy, sdnotify, signing, wasm
+from forgeone_isolate import manifest as mf
+from forgeone_isolate import plan as plan_mod
 from forgeone_isolate.artifacts import ArtifactStore
 from forgeone_isolate.config import ServiceConfig
 from forgeone_isolate.errors import (
@@ -298,9 +300,10 @@ class Attested:
     """What verifying a stored package established, kept by the digest of its bytes and
     the trust store it was checked against (verification is a function of those alone)."""
 
-    manifest_bytes: bytes
+    manifest: mf.Manifest
     signer: str
     wasm_sha256: str
+    lifecycle: tuple[str, ...]  # the module's lifecycle exports
 
 
 #: the plugin host's events that a waiting thread can be waiting for (see wait_for)
@@ -376,6 +379,8 @@ class Service:
         self.registry: Registry | None = None
         self.artifacts: ArtifactStore | None = None
         self._trust_cache: tuple[tuple[Any, ...], signing.TrustStore] | None = None
+        self._policy_cache: tuple[bytes, policy.Policy] | None = None
+        self._io_device: tuple[int, int] | None = None  # the state dir's block device
         self._attested: dict[tuple[str, frozenset[str], frozenset[str]], Attested] = {}
         self.control: ControlServer | None = None
         self.metrics_server: ThreadingHTTPServer | None = None
@@ -392,6 +397,9 @@ class Service:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.registry = Registry(cfg.state_dir)
         self.artifacts = ArtifactStore(cfg.state_dir / "artifacts")
+        from forgeone_isolate.launch import io_device
+
+        self._io_device = io_device(cfg.state_dir)  # what a plan's io_bps applies to
         self._cleanup_stale_instances()
         for row in self.registry.all():
             self.runtimes[row.name] = Runtime(row.name)
@@ -872,29 +880,58 @@ class Service:
         if hashlib.sha256(data).hexdigest() != row.sha256:  # before parsing a byte of it
             raise VerificationError(f"stored package {stored} does not hash to its registry digest")
         attested, artifact = self._attest(row.name, row.sha256, row.wasm_sha256, data, trust)
+        m = attested.manifest
+        if m.name != name:
+            raise VerificationError(f"stored package names {m.name!r}, not {name!r}")
+        # The plan, made here where it is cheap (see _attest); the host takes a uid for it.
+        eff = self._policy().effective_for(attested.signer, name, m.permissions)
+        limits = policy.cap_limits(m.limits, eff)
+        plan = plan_mod.build_plan(
+            m,
+            attested.signer,
+            0,  # (the host's leased uid, and the address index that follows from it)
+            attested.lifecycle,
+            eff,
+            limits,
+            io_device=self._io_device,
+            address_pool=str(cfg.address_pool),
+        )
         return {
-            "verified": {
-                "manifest_b64": base64.b64encode(attested.manifest_bytes).decode("ascii"),
-                "signer": attested.signer,
-                "wasm_sha256": attested.wasm_sha256,
-            },
+            "plan": plan_mod.plan_to_wire(plan),
+            "limits": limits.as_dict(),
+            "wasm_sha256": attested.wasm_sha256,
             "name": name,
-            "package": str(self._reg().package_path(row.sha256)),
+            "package": str(stored),
             "sha256": row.sha256,
             "trust": str(cfg.trust),
             "trusted": sorted(trust.trusted),
             "revoked": sorted(trust.revoked),
             "artifact": str(artifact),
             "artifact_key": self._store().key.hex(),
-            "policy": str(cfg.policy) if cfg.policy else "",
             "state_dir": str(cfg.state_dir),
             "lease_dir": str(default_lease_dir()),
             "uid_first": cfg.uid_first,
             "uid_count": cfg.uid_count,
             "uid_hint": self._uid_hint(),
-            "address_pool": str(cfg.address_pool),
             "delegated": delegated,
         }
+
+    def _policy(self) -> policy.Policy:
+        """The operator's policy as its file is now: read at every start (it is small),
+        parsed again only when its bytes change. Raises: PolicyError."""
+        path = self.config.policy
+        if path is None:
+            return policy.Policy.deny_all()
+        data = policy.read_operator_file(path, f"policy {path}", policy.MAX_POLICY_BYTES)
+        digest = hashlib.sha256(data).digest()
+        with self.lock:
+            cached = self._policy_cache
+        if cached is not None and cached[0] == digest:
+            return cached[1]
+        parsed = policy.Policy.parse(data, path)
+        with self.lock:
+            self._policy_cache = (digest, parsed)
+        return parsed
 
     def _attest(
         self, name: str, sha256: str, wasm_sha256: str, data: bytes, trust: signing.TrustStore
@@ -924,9 +961,19 @@ class Service:
         artifact = self._artifact_for(name, sha256, wasm_sha256, trust, pkg)
         return self._remember(pkg, trust), artifact
 
-    def _remember(self, pkg: package.VerifiedPackage, trust: signing.TrustStore) -> Attested:
-        """Keep what verifying ``pkg`` against ``trust`` established (see :meth:`_attest`)."""
-        attested = Attested(pkg.manifest_bytes, pkg.signer, hashlib.sha256(pkg.wasm).hexdigest())
+    def _remember(
+        self,
+        pkg: package.VerifiedPackage,
+        trust: signing.TrustStore,
+        lifecycle: tuple[str, ...] | None = None,
+    ) -> Attested:
+        """Keep what verifying ``pkg`` against ``trust`` established (see :meth:`_attest`);
+        ``lifecycle``: its module's lifecycle exports, if known already."""
+        if lifecycle is None:
+            lifecycle = wasm.check_module(pkg.wasm, pkg.manifest.limits.memory_mb).lifecycle
+        attested = Attested(
+            pkg.manifest, pkg.signer, hashlib.sha256(pkg.wasm).hexdigest(), lifecycle
+        )
         with self.lock:
             if len(self._attested) >= MAX_ATTESTED:
                 self._attested.clear()
@@ -1149,7 +1196,7 @@ class Service:
         m = pkg.manifest
         info = wasm.check_module(pkg.wasm, m.limits.memory_mb)
         self._store().ensure(pkg.wasm, info.lifecycle)  # compiled once, here
-        self._remember(pkg, trust)  # (the stored bytes are these: a start need not redo it)
+        self._remember(pkg, trust, info.lifecycle)  # (stored as they are: a start need not redo it)
         cand = Candidate(
             name=m.name,
             version=m.version,

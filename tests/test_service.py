@@ -109,11 +109,13 @@ class Service:
         self.config = root / "config.toml"
         metrics_port = overrides.pop("metrics_port", None)
         group = overrides.pop("group", "")
+        policy_file = overrides.pop("policy", None)
         restart = {"backoff_base_s": 0.1, "backoff_cap_s": 2.0, "max_restarts": 3}
         restart.update(overrides.pop("restart", {}))
         lines = [
             f'state_dir = "{self.state}"',
             f'trust = "{keys.trust}"',
+            *([f'policy = "{policy_file}"'] if policy_file else []),
             'log_level = "debug"',
             f"stop_timeout_s = {overrides.pop('stop_timeout_s', 5.0)}",
             "[control]",
@@ -567,6 +569,51 @@ def test_a_stored_package_tampered_on_disk_is_refused_at_start(
     svc.ok("start", "ondisk")
     svc.ok("stop", "ondisk")
     svc.ok("uninstall", "ondisk")
+
+
+def test_the_operators_policy_applies_to_a_start_and_is_reread_when_it_changes(
+    fresh: Callable[..., Service], keys: Keys, packages: Packages, tmp_path: Path
+) -> None:
+    """The service plans each start under the policy file as it is then: a grant's limit
+    caps lower the plugin's limits (seen in its cgroup from outside), a changed file is
+    read again, and a malformed one refuses the start, naming it."""
+    policy_file = tmp_path / "policy.toml"
+
+    def grant(cpu_cap: int) -> str:
+        return (
+            f'[[grant]]\nsigner = "{keys.fingerprint}"\nplugin = "capped"\n'
+            f"limits = {{ cpu_percent = {cpu_cap} }}\n"
+        )
+
+    policy_file.write_text(grant(20))
+    s = fresh(policy=policy_file).start()
+    try:
+        s.ok("install", str(packages.get("capped")))
+        for cap in (20, 10):
+            policy_file.write_text(grant(cap))
+            s.ok("start", "capped")
+            row = s.plugin("capped")
+            assert row["limits"]["cpu_percent"] == cap  # the sample asks for 50
+            quota = [
+                d for d in row["cgroups"] if os.path.exists(os.path.join(d, "cpu.cfs_quota_us"))
+            ] or [d for d in row["cgroups"] if os.path.exists(os.path.join(d, "cpu.max"))]
+            assert quota, row["cgroups"]
+            d = quota[0]
+            if os.path.exists(os.path.join(d, "cpu.cfs_quota_us")):
+                q = int(Path(d, "cpu.cfs_quota_us").read_text())
+                period = int(Path(d, "cpu.cfs_period_us").read_text())
+            else:
+                q_text, p_text = Path(d, "cpu.max").read_text().split()
+                q, period = int(q_text), int(p_text)
+            assert q * 100 == cap * period, (q, period)
+            s.ok("stop", "capped")
+        policy_file.write_text("[[grant]]\nsigner = 5\n")
+        proc = s.cli("start", "capped")
+        assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
+        assert str(policy_file) in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    finally:
+        assert s.terminate() == 0, s.log_text()[-3000:]
 
 
 def test_a_signer_revoked_after_install_is_refused_at_the_next_start(

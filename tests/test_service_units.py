@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import make_plan
 
 from forgeone_isolate import control, sdnotify, service
 from forgeone_isolate import protocol as p
@@ -366,7 +367,6 @@ def test_artifacts_compile_once_and_refuse_what_they_did_not_make(tmp_path: Path
     import hashlib
 
     from forgeone_isolate import artifacts, wasm
-    from forgeone_isolate.pluginhost import _compiled
 
     module = wasm.wat_to_wasm(ARTIFACT_WAT)
     digest = hashlib.sha256(module).hexdigest()
@@ -394,21 +394,24 @@ def test_artifacts_compile_once_and_refuse_what_they_did_not_make(tmp_path: Path
     assert again.key == store.key
     again.ensure(module, ("init",))
     assert artifacts.load_artifact(path, store.key, digest) is not None
-    # A plugin host with a bad artifact compiles by itself instead.
-    spec = {"artifact": str(path), "artifact_key": "00" * 32}
-    serialized, lifecycle = _compiled(spec, module, 16)
-    assert serialized
-    assert lifecycle == ("init",)
+    # (A plugin host with a bad artifact compiles by itself instead: see the _module test.)
     again.remove_unused(set())
     assert not path.exists()
 
 
 def test_warm_up_runs_without_side_effects(tmp_path: Path) -> None:
+    from forgeone_isolate import seccomp_filter
+    from forgeone_isolate.plan import NOFILE, SECCOMP_ALLOW
     from forgeone_isolate.pluginhost import warm_up
 
     before = set(Path(tempfile_dir()).glob("forgeone-warm-*"))
+    seccomp_filter.filter_for.cache_clear()
     warm_up()
     assert set(Path(tempfile_dir()).glob("forgeone-warm-*")) == before
+    # every plan's one filter is built (hosts forked after this only look it up)
+    hits = seccomp_filter.filter_for.cache_info().hits
+    seccomp_filter.filter_for(SECCOMP_ALLOW, make_plan().seccomp_min_fd, NOFILE - 1)
+    assert seccomp_filter.filter_for.cache_info().hits == hits + 1
 
 
 def tempfile_dir() -> str:
@@ -417,19 +420,19 @@ def tempfile_dir() -> str:
     return tempfile.gettempdir()
 
 
-def test_host_takes_the_services_verification_only_with_a_matching_artifact(
-    tmp_path: Path,
-) -> None:
-    """pluginhost._verified: the service's verified manifest + the HMAC'd artifact of that
-    module digest -> used as is; a wrong digest, no artifact or a bad key -> the host reads
-    and verifies the stored package itself (and a tampered one is refused)."""
+def test_host_takes_the_services_module_only_as_its_hmacd_artifact(tmp_path: Path) -> None:
+    """pluginhost._module: the HMAC'd artifact of the module digest the service attested
+    -> used as is; a wrong digest, no artifact or a bad key -> the host reads and verifies
+    the stored package itself, which must hold that very module (a tampered package, one
+    of another name or holding another module is refused)."""
+    import dataclasses
     import hashlib
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from forgeone_isolate import artifacts, package, signing, wasm
     from forgeone_isolate.errors import VerificationError
-    from forgeone_isolate.pluginhost import _verified
+    from forgeone_isolate.pluginhost import _module
 
     src = tmp_path / "src"
     src.mkdir()
@@ -451,11 +454,7 @@ def test_host_takes_the_services_verification_only_with_a_matching_artifact(
     path = store.ensure(pkg.wasm, ("init",))
     digest = hashlib.sha256(pkg.wasm).hexdigest()
     spec: dict[str, object] = {
-        "verified": {
-            "manifest_b64": base64.b64encode(pkg.manifest_bytes).decode(),
-            "signer": fp,
-            "wasm_sha256": digest,
-        },
+        "wasm_sha256": digest,
         "artifact": str(path),
         "artifact_key": store.key.hex(),
         "package": str(stored),
@@ -464,17 +463,20 @@ def test_host_takes_the_services_verification_only_with_a_matching_artifact(
         "trusted": [fp],
         "revoked": [],
     }
-    manifest, signer, serialized, lifecycle = _verified(spec, "hv")
-    assert (manifest.name, signer, lifecycle) == ("hv", fp, ("init",))
-    assert serialized == artifacts.load_artifact(path, store.key, digest).serialized
-    # Without the service's word (or with a digest no artifact matches), the host verifies:
-    # a stored package that does not hash to the registry's digest is refused.
+    plan = make_plan(name="hv")
+    from_artifact = artifacts.load_artifact(path, store.key, digest)
+    assert from_artifact is not None
+    assert _module(spec, plan) == from_artifact.serialized
+    # No usable artifact: the host verifies the stored package; tampered, it is refused.
     stored.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    for bent in ({"verified": None}, {"verified": {**spec["verified"], "wasm_sha256": "0" * 64}}):
+    for bent in ({"artifact": ""}, {"artifact_key": "00" * 32}, {"wasm_sha256": "0" * 64}):
         with pytest.raises(VerificationError, match="does not hash to its registry digest"):
-            _verified({**spec, **bent}, "hv")
+            _module({**spec, **bent}, plan)
     stored.write_bytes(data)
-    manifest, signer, _, _ = _verified({**spec, "verified": None}, "hv")
-    assert (manifest.name, signer) == ("hv", fp)
+    assert _module({**spec, "artifact": ""}, plan) == wasm.compile_serialized(pkg.wasm)
+    with pytest.raises(VerificationError, match="holds another module"):
+        _module({**spec, "wasm_sha256": "0" * 64}, plan)
     with pytest.raises(VerificationError, match="names 'hv', not 'other'"):
-        _verified(spec, "other")
+        _module({**spec, "artifact": ""}, dataclasses.replace(plan, plugin="other"))
+    with pytest.raises(VerificationError, match="not in the trust store"):
+        _module({**spec, "artifact": "", "trusted": ["ab" * 32]}, plan)
