@@ -188,6 +188,12 @@ class Registry:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(plugins)")}
         if "wasm_sha256" not in columns:  # a registry from before artifacts
             self._db.execute("ALTER TABLE plugins ADD COLUMN wasm_sha256 TEXT NOT NULL DEFAULT ''")
+        # Reads have a connection of their own (WAL: they see the last commit and never wait
+        # for a write's fsync, which the writer's lock is held across).
+        self._rlock = threading.Lock()
+        self._rdb = sqlite3.connect(
+            path, isolation_level=None, timeout=10.0, check_same_thread=False
+        )
 
     # -- reading ---------------------------------------------------------------------
 
@@ -199,8 +205,8 @@ class Registry:
 
     def get(self, name: str) -> Installed | None:
         """The installed plugin ``name``, or None."""
-        with self._lock:
-            row = self._db.execute(
+        with self._rlock:
+            row = self._rdb.execute(
                 f"SELECT {_COLUMNS} FROM plugins WHERE name=?",  # noqa: S608 - fixed names
                 (name,),
             ).fetchone()
@@ -208,8 +214,8 @@ class Registry:
 
     def all(self) -> list[Installed]:
         """Every installed plugin, by name."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._rlock:
+            rows = self._rdb.execute(
                 f"SELECT {_COLUMNS} FROM plugins ORDER BY name"  # noqa: S608 - fixed names
             ).fetchall()
         return [self._row(r) for r in rows]
@@ -451,7 +457,8 @@ class Registry:
 
     def close(self) -> None:
         """Close the database."""
-        with self._lock:
+        with self._lock, self._rlock:
+            self._rdb.close()
             self._db.close()
 
 

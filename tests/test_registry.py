@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -239,6 +241,38 @@ def test_only_instance_rows_skip_the_disk_sync(reg: Registry) -> None:
     reg.remove_instance("i1")
     assert synchronous() == 2
     assert reg.instances() == []
+
+
+def test_reads_do_not_wait_for_a_write_in_progress(reg: Registry) -> None:
+    """A start's reads (get, all) never queue behind another's durable commit: the writer
+    holds its lock across the fsync; reads have their own connection (WAL) and see the
+    last commit."""
+    c, data = cand("hello", "1.0.0")
+    reg.install(c, data)
+    held, release = threading.Event(), threading.Event()
+
+    def slow_writer() -> None:
+        with reg._lock:  # as set_desired does across its commit's fsync
+            held.set()
+            release.wait(5.0)
+
+    t = threading.Thread(target=slow_writer)
+    t.start()
+    try:
+        assert held.wait(5.0)
+        started = time.monotonic()
+        row = reg.get("hello")
+        assert [r.name for r in reg.all()] == ["hello"]
+        assert time.monotonic() - started < 1.0  # (it would wait the writer's 5 s)
+        assert row is not None
+        assert row.desired == "stopped"
+    finally:
+        release.set()
+        t.join()
+    reg.set_desired("hello", "running")
+    row = reg.get("hello")
+    assert row is not None
+    assert row.desired == "running"  # the commit, seen at once
 
 
 def test_package_path_refuses_non_digests(reg: Registry) -> None:
