@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -853,6 +854,16 @@ def test_kill9_of_the_service_leaves_no_plugin_and_restart_restores_states(
     svc.ok("stop", "keepstop")
     before = {n: svc.plugin(n) for n in ("keeprun", "keeppause")}
     assert freezer_state(before["keeppause"]["cgroups"]) == "FROZEN"
+
+    def recorded() -> set[str]:  # the rows the service keeps for its cleanup after a crash
+        db = sqlite3.connect(f"file:{svc.state / 'registry.sqlite3'}?mode=ro", uri=True)
+        try:
+            return {row[0] for row in db.execute("SELECT instance FROM instances")}
+        finally:
+            db.close()
+
+    running = {info["instance"] for info in before.values()}
+    assert wait_for(lambda: recorded() == running), (recorded(), running)
     tree = svc.descendants()
     assert len(tree) >= 1 + 2 * 3  # fork server + (host, keeper, PID 1) per running plugin
     for info in before.values():
