@@ -87,7 +87,7 @@ def fork_children(
     payload_factory: Callable[[], Callable[[], int]],
     cgroup_fd: int = -1,
 ) -> tuple[int, bool]:
-    """Fork the keeper (in C: ``_sys/_keeper.c``), which unshares, is mapped, forks PID 1
+    """Fork the keeper (in C: ``_sys/_keeper.c``), which unshares, is mapped, clones PID 1
     and waits for it. Returns the keeper's pid and whether it was born in the cgroup v2
     directory ``cgroup_fd`` (-1: none; then the parent attaches it); in PID 1, runs the
     sandbox and never returns.
