@@ -14,8 +14,7 @@ Service → host (at most one outstanding; the next is sent after the previous r
 
 Host → service::
 
-    {"ev": "planned", "instance", "version", "signer", "uid", "limits"}
-    {"ev": "observed", "isolation": {...}, "cgroups": [dirs]}   PID 1 with every layer in
+    {"ev": "observed", "uid", "isolation": {...}, "cgroups": [dirs]}   PID 1, every layer in
     {"ev": "ready"}                               init and start done; the guest idles
     {"ev": "log", "level": L, "text": T}
     {"ev": "paused", "paused": bool}              the cgroup was frozen / thawed
@@ -267,21 +266,12 @@ def run_host(spec: dict[str, Any], channel: HostChannel) -> int:
                 # the plugin's veth addresses: by its uid's place in the range
                 address_index=lease.uid - int(spec["uid_first"]),
             )
-            channel.send(
-                {
-                    "ev": "planned",
-                    "instance": plan.instance_id,
-                    "version": plan.version,
-                    "signer": plan.signer,
-                    "uid": lease.uid,
-                    "limits": spec.get("limits", {}),
-                }
-            )
 
             def observed(launched: LaunchResult) -> None:
                 channel.send(
                     {
                         "ev": "observed",
+                        "uid": lease.uid,
                         "isolation": launched.isolation,
                         "cgroups": list(launched.cgroup.get("paths", [])),
                     }

@@ -640,14 +640,9 @@ class Service:
         kind = ev.get("ev")
         with self.cond:
             rt = self.runtimes.get(inst.name)
-            if kind == "planned":
-                inst.instance_id = str(ev.get("instance", ""))
-                inst.version = str(ev.get("version", ""))
-                inst.signer = str(ev.get("signer", ""))
-                inst.limits = dict(ev.get("limits", {}))
+            if kind == "observed":
                 uid = ev.get("uid")
                 inst.uid = uid if isinstance(uid, int) else None
-            elif kind == "observed":
                 iso = ev.get("isolation")
                 inst.isolation = iso if isinstance(iso, dict) else {}
                 inst.cgroups = [str(d) for d in ev.get("cgroups", [])]
@@ -1076,7 +1071,16 @@ class Service:
         except ForkServerError:
             self.launch_slots.release()
             raise
-        inst = Instance(name, spawned, slot_held=True)
+        plan = spec["plan"]  # ours: what the instance is, before its host says anything
+        inst = Instance(
+            name,
+            spawned,
+            slot_held=True,
+            instance_id=plan["instance_id"],
+            version=plan["version"],
+            signer=plan["signer"],
+            limits=dict(spec["limits"]),
+        )
         with self.lock:
             rt = self._runtime(name)
             rt.instance = inst
