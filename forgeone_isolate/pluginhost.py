@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
-import ctypes
 import dataclasses
 import gc
 import hashlib
@@ -89,12 +88,6 @@ class HostChannel:
             self.closed = True
 
 
-def _release_free_memory() -> None:
-    """Give the allocator's free pages back once the plugin idles (lower USS per plugin)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
-
-
 class ChannelCommands:
     """The :class:`launch.CommandSource` fed by the service through the channel."""
 
@@ -133,7 +126,6 @@ class ChannelCommands:
         if not self.ready_sent:
             self.ready_sent = True
             self.channel.send({"ev": "ready"})
-            _release_free_memory()
         self._drain()
         if self.queue:
             command, data, ident = self.queue.popleft()
