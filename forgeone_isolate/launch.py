@@ -55,6 +55,8 @@ from forgeone_isolate.uidpool import default_lease_dir, lease_uid
 
 DEFAULT_STATE_DIR = Path("/var/lib/forgeone")
 SETUP_DEADLINE_S = 15.0
+#: how long the keeper may take to report PID 1's end once PID 1's broker channel closed
+KEEPER_EXIT_S = 5.0
 MAX_KEPT_LOGS = 1000
 #: room for a few descriptors: anything the child sends is counted, closed and refused
 _ANCILLARY_SPACE = socket.CMSG_SPACE(16 * 4)
@@ -321,28 +323,42 @@ def isolation_gaps(iso: dict[str, Any], plan: SandboxPlan) -> list[str]:
     Checked before PID 1 may run any lifecycle export and before any call of the guest
     (a wasm start function runs at instantiation) is heard: every namespace of the plan
     unshared, seccomp in filter mode, no_new_privs set, no capability in any set, and
-    uid/gid 0 mapped to the plan's host ids only.
+    uid/gid 0 mapped to the plan's host ids only; and the keeper (which shares PID 1's
+    memory) filtered, no_new_privs, without capabilities.
     """
     gaps: list[str] = []
     seen = iso.get("namespaces", {})
     missing = [n for n in plan.namespaces if seen.get(n) is not True]
     if missing:
         gaps.append("namespaces not unshared: " + ",".join(missing))
-    if iso.get("seccomp") != 2:
-        gaps.append(f"seccomp mode {iso.get('seccomp')}, not 2 (filter)")
-    if iso.get("no_new_privs") != 1:
-        gaps.append(f"no_new_privs {iso.get('no_new_privs')}")
+    gaps += _confinement_gaps(iso)
+    for key, host_id in (("uid_map", plan.host_uid), ("gid_map", plan.host_gid)):
+        if iso.get(key) != ["0", str(host_id), "1"]:
+            gaps.append(f"{key} {' '.join(iso.get(key) or []) or '?'}, not 0 {host_id} 1")
+    # The keeper shares PID 1's memory: it must be confined at least as tightly.
+    keeper = iso.get("keeper")
+    if not isinstance(keeper, dict):
+        gaps.append("keeper not observed")
+    else:
+        gaps += [f"keeper {gap}" for gap in _confinement_gaps(keeper)]
+    return gaps
+
+
+def _confinement_gaps(seen: dict[str, Any]) -> list[str]:
+    """Seccomp in filter mode, no_new_privs, no capability in any set: what is missing."""
+    gaps: list[str] = []
+    if seen.get("seccomp") != 2:
+        gaps.append(f"seccomp mode {seen.get('seccomp')}, not 2 (filter)")
+    if seen.get("no_new_privs") != 1:
+        gaps.append(f"no_new_privs {seen.get('no_new_privs')}")
     for key in ("cap_eff", "cap_prm", "cap_inh", "cap_bnd", "cap_amb"):
-        value = str(iso.get(key, ""))
+        value = str(seen.get(key, ""))
         try:
             held = int(value, 16)
         except ValueError:
             held = -1
         if held != 0:
             gaps.append(f"{key} {value or '?'}")
-    for key, host_id in (("uid_map", plan.host_uid), ("gid_map", plan.host_gid)):
-        if iso.get(key) != ["0", str(host_id), "1"]:
-            gaps.append(f"{key} {' '.join(iso.get(key) or []) or '?'}, not 0 {host_id} 1")
     return gaps
 
 
@@ -429,6 +445,8 @@ class _Supervisor:
         self.deadline = self.t0 + SETUP_DEADLINE_S
         self.observed = False
         self.early: list[dict[str, Any]] = []
+        self.markers_seen: set[str] = set()
+        self.deadline_reason: str | None = None  # the kill's reason at the deadline, if set
         self.first_call_seen = False
         self.commands: CommandSource = RunOnce()
         self.last_command: p.Command | None = None  # None: the guest has just started
@@ -459,7 +477,9 @@ class _Supervisor:
             while ctl_open or (brk_open and self.brk_listening):
                 timeout = self.deadline - time.monotonic()
                 if timeout <= 0 and self.kill_reason is None:
-                    self.kill("timeout" if self.observed else "setup timeout")
+                    self.kill(
+                        self.deadline_reason or ("timeout" if self.observed else "setup timeout")
+                    )
                 if self.kill_reason is not None:
                     wait: float | None = 0.2
                 elif math.isinf(timeout):
@@ -474,6 +494,9 @@ class _Supervisor:
                     elif key.data == "brk" and not self._on_broker():
                         sel.unregister(self.brk)
                         brk_open = False
+                        # PID 1 is gone: its keeper reports and ends at once, or is made to.
+                        self.deadline = min(self.deadline, time.monotonic() + KEEPER_EXIT_S)
+                        self.deadline_reason = "the keeper did not end with PID 1"
                     elif key.data == "cmd":
                         self._dispatch_command()
         sel.close()
@@ -580,6 +603,12 @@ class _Supervisor:
             # Killed meanwhile (SIGTERM, a timeout...): nothing more to set up or observe,
             # and what this marker would have checked is gone, not a setup failure.
             return True
+        held_back = m in (markers.READY, markers.FILTERED) and self.pid1 <= 0
+        if not held_back:  # each marker is said once (the keeper, steered, could say more)
+            if not isinstance(m, str) or m in self.markers_seen:
+                self.kill("protocol violation on the setup channel")
+                return True
+            self.markers_seen.add(m)
         if m == markers.UNSHARED:
             self._mark("unshared_ms")
             try:
@@ -647,6 +676,7 @@ class _Supervisor:
                     if isinstance(v, int | float)
                 }
             self.result.isolation = observe.observe(self.pid1)
+            self.result.isolation["keeper"] = observe.confinement(self.keeper)
             gaps = isolation_gaps(self.result.isolation, self.plan)
             if self.kill_reason is not None:
                 return True  # killed while we looked (a SIGTERM's handler ran): see above

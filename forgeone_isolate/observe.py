@@ -77,22 +77,29 @@ def mounts(pid: int) -> list[str]:
     return [line.split()[4] for line in text.splitlines() if len(line.split()) > 4]
 
 
+def confinement(pid: int, status: dict[str, str] | None = None) -> dict[str, Any]:
+    """Seccomp mode, no_new_privs and the five capability sets of /proc/<pid>/status."""
+    status = proc_status(pid) if status is None else status
+    return {
+        "seccomp": int(status.get("Seccomp", "-1") or -1),
+        "no_new_privs": int(status.get("NoNewPrivs", "-1") or -1),
+        "cap_eff": status.get("CapEff", ""),
+        "cap_prm": status.get("CapPrm", ""),
+        "cap_inh": status.get("CapInh", ""),
+        "cap_bnd": status.get("CapBnd", ""),
+        "cap_amb": status.get("CapAmb", ""),
+    }
+
+
 def observe(pid: int) -> dict[str, Any]:
     """The ``isolation`` block of the launch report, read from /proc/<pid>."""
     status = proc_status(pid)
-    cap_eff = status.get("CapEff", "")
     nss = namespaces(pid)
     return {
         "pid": pid,
         "namespaces": {k: v["unshared"] for k, v in nss.items()},
         "namespace_inodes": {k: v["child"] for k, v in nss.items()},
-        "seccomp": int(status.get("Seccomp", "-1") or -1),
-        "no_new_privs": int(status.get("NoNewPrivs", "-1") or -1),
-        "cap_eff": cap_eff,
-        "cap_prm": status.get("CapPrm", ""),
-        "cap_inh": status.get("CapInh", ""),
-        "cap_bnd": status.get("CapBnd", ""),
-        "cap_amb": status.get("CapAmb", ""),
+        **confinement(pid, status),
         "uid": status.get("Uid", ""),
         "gid": status.get("Gid", ""),
         "groups": status.get("Groups", ""),

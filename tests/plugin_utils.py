@@ -182,6 +182,29 @@ def shares_memory(a: int, b: int) -> bool:
     return bool(r == 0)
 
 
+def rseq_registered(pid: int) -> bool:
+    """Whether ``pid`` has a restartable-sequences area registered with the kernel, seen
+    from outside (ptrace PTRACE_GET_RSEQ_CONFIGURATION; the process is stopped briefly)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    libc.ptrace.restype = ctypes.c_long
+    seize, interrupt, detach, get_rseq = 0x4206, 0x4207, 17, 0x420F
+    if libc.ptrace(seize, pid, None, None) != 0:
+        raise OSError(ctypes.get_errno(), f"ptrace(PTRACE_SEIZE, {pid})")
+    try:
+        if libc.ptrace(interrupt, pid, None, None) != 0:
+            raise OSError(ctypes.get_errno(), f"ptrace(PTRACE_INTERRUPT, {pid})")
+        os.waitpid(pid, 0x40000000)  # __WALL: a tracee that is not our child
+        config = (ctypes.c_ubyte * 24)()  # struct ptrace_rseq_configuration
+        if libc.ptrace(get_rseq, pid, ctypes.c_void_p(24), ctypes.addressof(config)) < 0:
+            raise OSError(ctypes.get_errno(), f"ptrace(PTRACE_GET_RSEQ_CONFIGURATION, {pid})")
+        return int.from_bytes(bytes(config[:8]), "little") != 0
+    finally:
+        libc.ptrace(detach, pid, None, None)
+
+
 def find_sandboxed_pid(root_pid: int, timeout: float = PROMPT_S) -> int:
     """The pid of a descendant of ``root_pid`` under a seccomp filter that is PID 1 of its
     own PID namespace: a plugin's PID 1 (its keeper, outside that namespace, is filtered

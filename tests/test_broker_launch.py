@@ -982,6 +982,8 @@ def test_isolation_gaps_names_each_missing_layer() -> None:
         "uid_map": ["0", str(plan.host_uid), "1"],
         "gid_map": ["0", str(plan.host_gid), "1"],
     }
+    good["keeper"] = {k: good[k] for k in ("seccomp", "no_new_privs", "cap_eff", "cap_prm")}
+    good["keeper"].update({k: good[k] for k in ("cap_inh", "cap_bnd", "cap_amb")})
     assert isolation_gaps(good, plan) == []
     cases = {
         "namespaces not unshared: net": {"namespaces": {**good["namespaces"], "net": False}},
@@ -991,9 +993,52 @@ def test_isolation_gaps_names_each_missing_layer() -> None:
         "cap_amb ?": {"cap_amb": ""},
         "uid_map 0 0 4294967295": {"uid_map": ["0", "0", "4294967295"]},
         "gid_map ?": {"gid_map": []},
+        "keeper seccomp mode 0": {"keeper": {**good["keeper"], "seccomp": 0}},
+        "keeper cap_bnd 000001ffffffffff": {
+            "keeper": {**good["keeper"], "cap_bnd": "000001ffffffffff"}
+        },
+        "keeper not observed": {"keeper": None},
     }
     for expected, change in cases.items():
         gaps = isolation_gaps({**good, **change}, plan)
         assert len(gaps) == 1, (expected, gaps)
         assert gaps[0].startswith(expected), (expected, gaps)
-    assert len(isolation_gaps({}, plan)) == 10  # nothing seen at all: every check fails
+    assert len(isolation_gaps({}, plan)) == 11  # nothing seen at all: every check fails
+
+
+def test_a_setup_marker_said_twice_is_a_protocol_violation() -> None:
+    """Each marker on the setup channel comes once. The keeper shares PID 1's memory, so a
+    plugin that took it over could say more (a second EXITED, FILTERED...): the supervisor
+    kills the sandbox instead of believing it."""
+    from forgeone_isolate import launch, markers
+
+    class Cgroup:
+        killed = 0
+
+        def kill(self, timeout: float = 1.0) -> None:
+            self.killed += 1
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pc = Cgroup()
+    with ours, theirs:
+        sup = launch._Supervisor(
+            make_plan("twice"),
+            launch.LaunchResult(),
+            None,
+            pc,
+            None,
+            -1,
+            ours,
+            ours,
+            None,  # type: ignore[arg-type]
+        )
+        try:
+            assert sup._on_marker({"m": markers.EXITED, "status": 0})
+            assert sup.kill_reason is None
+            assert sup.pid1_status == 0
+            assert sup._on_marker({"m": markers.EXITED, "status": 256})
+            assert sup.kill_reason == "protocol violation on the setup channel"
+            assert sup.pid1_status == 0  # the second word was not taken
+            assert pc.killed == 1
+        finally:
+            sup.sel.close()

@@ -32,6 +32,7 @@ from plugin_utils import (  # noqa: E402
     Signer,
     find_sandboxed_pid,
     proc_status_field,
+    rseq_registered,
     run_launch,
     shares_memory,
     start_launch,
@@ -221,6 +222,10 @@ def test_every_layer_from_outside_while_the_plugin_runs(
         for key in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
             assert keeper_status[key] == ZERO_CAPS, f"keeper {key}"
         assert len(keeper_status["NSpid"].split()) == 1  # outside PID 1's namespace
+        # glibc's rseq area lies in the thread block they share: the kernel acts on it for
+        # PID 1 only, so nothing written there can redirect the keeper.
+        assert rseq_registered(pid)
+        assert not rseq_registered(keeper)
         interfaces = [
             line.split(":", 1)[0].strip() for line in _read(f"/proc/{pid}/net/dev").splitlines()[2:]
         ]

@@ -40,6 +40,12 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <ucontext.h>
+#if defined(__has_include)
+#if __has_include(<sys/rseq.h>)
+#include <sys/rseq.h> /* glibc >= 2.35: its rseq area (__rseq_offset, __rseq_size) */
+#define FO_HAVE_RSEQ 1
+#endif
+#endif
 #include <unistd.h>
 
 #define EXIT_SETUP_FAILED 120
@@ -199,9 +205,9 @@ static void raw_say(int fd, const char *text, size_t n) {
 
 /* A JSON marker with one integer field, formatted on the keeper's own stack. */
 static void raw_say_int(int fd, const char *head, long value) {
-    char buf[96];
+    char buf[128];
     size_t n = 0;
-    while (head[n] != '\0') {
+    while (head[n] != '\0' && n < sizeof buf - 32) { /* (heads are ours: short) */
         buf[n] = head[n];
         n++;
     }
@@ -220,10 +226,10 @@ static void raw_say_int(int fd, const char *head, long value) {
     raw_say(fd, buf, n);
 }
 
-/* The keeper's own seccomp filter, loaded once PID 1 exists: it may write (its markers),
- * close, wait for PID 1 and exit; anything else kills it. It shares PID 1's memory, so a
- * plugin that got code execution there could steer the keeper: this leaves it nothing
- * more than PID 1's own filter allows, and no capability (see keeper_tail). */
+/* The keeper's own seccomp filter, loaded once PID 1 exists: it may write to its setup
+ * channel, wait for PID 1 and exit; anything else kills it. It shares PID 1's memory, so
+ * a plugin that got code execution there could steer the keeper: this leaves it less than
+ * PID 1's own filter allows, and no capability (see keeper_tail). */
 #define FO_BPF_LD_W_ABS 0x20
 #define FO_BPF_JEQ_K 0x15
 #define FO_BPF_RET_K 0x06
@@ -238,19 +244,27 @@ struct fo_sock_fprog {
     unsigned short len;
     struct fo_sock_filter *filter;
 };
-static struct fo_sock_filter keeper_filter[] = {
-    {FO_BPF_LD_W_ABS, 0, 0, 4}, /* seccomp_data.arch */
-    {FO_BPF_JEQ_K, 1, 0, FO_AUDIT_ARCH},
-    {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_KILL_PROCESS},
-    {FO_BPF_LD_W_ABS, 0, 0, 0}, /* seccomp_data.nr (an x32 number never equals these) */
-    {FO_BPF_JEQ_K, 5, 0, SYS_write},
-    {FO_BPF_JEQ_K, 4, 0, SYS_close},
-    {FO_BPF_JEQ_K, 3, 0, SYS_wait4},
-    {FO_BPF_JEQ_K, 2, 0, SYS_exit_group},
-    {FO_BPF_JEQ_K, 1, 0, SYS_exit},
-    {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_KILL_PROCESS},
-    {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_ALLOW},
-};
+#define FO_KEEPER_FILTER_LEN 14
+static void keeper_filter_for(struct fo_sock_filter *f, int ctl) {
+    /* (a jump's jt/jf count the instructions it skips) */
+    struct fo_sock_filter prog[FO_KEEPER_FILTER_LEN] = {
+        /* 0 */ {FO_BPF_LD_W_ABS, 0, 0, 4}, /* seccomp_data.arch */
+        /* 1 */ {FO_BPF_JEQ_K, 1, 0, FO_AUDIT_ARCH},
+        /* 2 */ {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_KILL_PROCESS},
+        /* 3 */ {FO_BPF_LD_W_ABS, 0, 0, 0}, /* seccomp_data.nr (an x32 number never matches) */
+        /* 4 */ {FO_BPF_JEQ_K, 3, 0, SYS_write},      /* -> 8 */
+        /* 5 */ {FO_BPF_JEQ_K, 6, 0, SYS_wait4},      /* -> 12 */
+        /* 6 */ {FO_BPF_JEQ_K, 5, 0, SYS_exit_group}, /* -> 12 */
+        /* 7 */ {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_KILL_PROCESS},
+        /* 8 */ {FO_BPF_LD_W_ABS, 0, 0, 16}, /* write: args[0], its low half (little-endian) */
+        /* 9 */ {FO_BPF_JEQ_K, 0, 3, (uint32_t)ctl},  /* -> 10, else 13 */
+        /* 10 */ {FO_BPF_LD_W_ABS, 0, 0, 20},         /* and its high half: all 64 bits */
+        /* 11 */ {FO_BPF_JEQ_K, 0, 1, 0},             /* -> 12, else 13 */
+        /* 12 */ {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_ALLOW},
+        /* 13 */ {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_KILL_PROCESS},
+    };
+    memcpy(f, prog, sizeof prog);
+}
 
 #define FO_CAPABILITY_VERSION_3 0x20080522
 struct fo_cap_header {
@@ -273,47 +287,92 @@ static struct {
     int extra[4];
 } tail;
 
+/* glibc registers every thread's rseq area (restartable sequences) with the kernel; it
+ * lies in the thread block the keeper and PID 1 share. On the way back to user mode the
+ * kernel reads it for the task that registered it, so a plugin with code execution in
+ * PID 1 could redirect the keeper through it. The registration moves to PID 1: the keeper
+ * drops it before the clone (a clone sharing memory starts without one), PID 1 takes it. */
+static long rseq_len;
+static void rseq_drop(void) {
+#ifdef FO_HAVE_RSEQ
+    if (__rseq_size == 0)
+        return; /* glibc did not register (or was told not to) */
+    long area = (long)((char *)__builtin_thread_pointer() + __rseq_offset);
+    long lens[2] = {(long)__rseq_size, 32}; /* (what glibc registered: its area's size) */
+    for (int i = 0; i < 2; i++) {
+        if (raw4(SYS_rseq, area, lens[i], 1 /* RSEQ_FLAG_UNREGISTER */, RSEQ_SIG) == 0) {
+            rseq_len = lens[i];
+            return;
+        }
+    }
+#endif
+}
+
+static void rseq_take(void) {
+#ifdef FO_HAVE_RSEQ
+    if (rseq_len != 0) /* (if this fails, glibc's idea of the CPU goes stale: nothing else) */
+        raw4(SYS_rseq, (long)((char *)__builtin_thread_pointer() + __rseq_offset), rseq_len, 0,
+             RSEQ_SIG);
+#endif
+}
+
 static int pid1_boot(void *unused) {
+    raw4(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0); /* at once: it dies with the keeper */
+    rseq_take();
     setcontext(&pid1_ctx); /* returns only if it failed */
     return EXIT_SETUP_FAILED;
 }
 
+/* The keeper could not confine itself: PID 1 goes with it, the parent hears why. */
+static void confine_failed(int ctl, long pid1, long err) {
+    raw4(SYS_kill, pid1, SIGKILL, 0, 0);
+    raw_say_int(ctl, "{\"m\": \"STEP_FAILED\", \"step\": \"keeper-confine\", \"errno\": ", -err);
+    raw4(SYS_exit_group, EXIT_SETUP_FAILED, 0, 0, 0);
+    __builtin_unreachable();
+}
+
 static void keeper_tail(void) {
     int ctl = tail.ctl;
+    struct fo_sock_filter filter[FO_KEEPER_FILTER_LEN];
+    keeper_filter_for(filter, ctl);
+    struct fo_sock_fprog prog = {FO_KEEPER_FILTER_LEN, filter};
+    struct fo_cap_header head = {FO_CAPABILITY_VERSION_3, 0};
+    struct fo_cap_data none[2];
+    memset(none, 0, sizeof none);
+    rseq_drop();
     long pid1 = clone(pid1_boot, pid1_boot_stack + sizeof pid1_boot_stack, CLONE_VM | SIGCHLD,
                       NULL);
     if (pid1 < 0)
         fail(ctl, "fork-pid1", errno); /* (PID 1 does not exist: nobody shares errno yet) */
-    struct fo_cap_header head = {FO_CAPABILITY_VERSION_3, 0};
-    struct fo_cap_data none[2];
-    memset(none, 0, sizeof none);
-    struct fo_sock_fprog prog = {sizeof keeper_filter / sizeof keeper_filter[0], keeper_filter};
-    /* Each failure ends the keeper, and with it PID 1 (PR_SET_PDEATHSIG): never unconfined.
-     * The bounding set first (that takes CAP_SETPCAP), to the first number the kernel
-     * does not know. */
+    /* Confined before the PID1 marker, so before PID 1 is PLACED and long before any plugin
+     * byte runs: the bounding set first (that takes CAP_SETPCAP), to the first number the
+     * kernel does not know; then every capability set, no_new_privs, the descriptors that
+     * are not the keeper's to keep, and the filter. */
+    long r;
     for (long cap = 0; cap < 64; cap++) {
-        long r = raw4(SYS_prctl, PR_CAPBSET_DROP, cap, 0, 0);
+        r = raw4(SYS_prctl, PR_CAPBSET_DROP, cap, 0, 0);
         if (r == -EINVAL)
             break;
         if (r != 0)
-            raw4(SYS_exit_group, EXIT_SETUP_FAILED, 0, 0, 0);
+            confine_failed(ctl, pid1, r);
     }
-    if (raw4(SYS_capset, (long)&head, (long)none, 0, 0) != 0 ||
-        raw4(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0) != 0 ||
-        raw4(SYS_prctl, PR_SET_SECCOMP, 2 /* SECCOMP_MODE_FILTER */, (long)&prog, 0) != 0)
-        raw4(SYS_exit_group, EXIT_SETUP_FAILED, 0, 0, 0);
+    if ((r = raw4(SYS_capset, (long)&head, (long)none, 0, 0)) != 0 ||
+        (r = raw4(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0)) != 0)
+        confine_failed(ctl, pid1, r);
     raw4(SYS_close, tail.brk, 0, 0, 0); /* only PID 1 holds the broker end: EOF there = gone */
     for (int i = 0; i < tail.n_extra; i++)
         raw4(SYS_close, tail.extra[i], 0, 0, 0);
+    if ((r = raw4(SYS_prctl, PR_SET_SECCOMP, 2 /* SECCOMP_MODE_FILTER */, (long)&prog, 0)) != 0)
+        confine_failed(ctl, pid1, r);
     raw_say_int(ctl, "{\"m\": \"PID1\", \"pid\": ", pid1);
     int status = 0;
-    long r;
     while ((r = raw4(SYS_wait4, pid1, (long)&status, 0, 0)) < 0) {
         if (r != -EINTR)
             raw4(SYS_exit_group, EXIT_PROTOCOL, 0, 0, 0);
     }
     raw_say_int(ctl, "{\"m\": \"EXITED\", \"status\": ", status);
     raw4(SYS_exit_group, 0, 0, 0, 0);
+    __builtin_unreachable();
 }
 
 /* The keeper's whole life. Returns only in PID 1 (with 0). */
