@@ -1,9 +1,12 @@
 """A plugin host: one process per running plugin, forked by the fork server.
 
-It does for one plugin what ``launch`` does once (verify the stored package against the
-trust store, apply the policy, compile, lease a uid, plan, audit, kv) and then runs the
-plugin with :func:`launch.run_plan`, fed by the service through its channel. It is
-single-threaded (it forks the keeper) and exits when ``run_plan`` returns.
+The service verifies the stored package, applies the operator's policy and plans (warm,
+in its own process: every page a freshly forked host writes is a copy). The host takes
+that plan (``plan.plan_from_wire``), leases a uid for it, loads the HMAC'd compiled module
+the service attested (or verifies the package and compiles it itself), opens the audit
+log and kv store, and runs the plugin with :func:`launch.run_plan`, fed by the service
+through its channel. It is single-threaded (it forks the keeper) and exits when
+``run_plan`` returns.
 
 Channel (``SOCK_SEQPACKET``, one JSON object per message).
 
