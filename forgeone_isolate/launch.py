@@ -157,6 +157,7 @@ def run_plan(
     resolver: Resolver | None = None,
     commands: CommandSource | None = None,
     sweep: bool = True,
+    read_audit: bool = True,
 ) -> LaunchResult:
     """Execute ``plan``: fork, contain, serve, reap, clean. Never leaves anything behind.
 
@@ -164,6 +165,8 @@ def run_plan(
     ``resolver`` replaces the system's name resolution for ``net_connect`` (tests);
     ``commands`` feeds a running guest (the service); by default it is stopped after start.
     ``sweep=False`` skips removing dead supervisors' cgroups (a service sweeps once at start).
+    ``read_audit=False`` reads no seccomp audit records: a killing syscall is then reported as
+    ``seccomp: unknown syscall``, for a service that keeps the one witness to name it.
 
     Raises: SetupError when the sandbox could not be built (the step and errno named).
     """
@@ -191,7 +194,7 @@ def run_plan(
         kv=kv,
         resolver=resolver or system_resolver,
     )
-    witness = observe.SeccompWitness()
+    witness = observe.SeccompWitness(listen=read_audit)
     if sweep:
         sweep_stale_cgroups(cgroups)
     # The supervisor's pid in the name lets a later launch remove what a killed one left.

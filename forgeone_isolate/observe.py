@@ -6,6 +6,7 @@ syscall that killed a process.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
@@ -120,18 +121,29 @@ AUDIT_SECCOMP = 1326
 _NLMSG_HDR = 16
 
 
+#: seccomp kills a witness remembers (pid -> syscall), the latest ones
+MAX_WITNESSED = 4096
+
+
 class SeccompWitness:
-    """Reads the kernel's seccomp audit records (type 1326) written after it was opened.
+    """Reads the kernel's seccomp audit records (type 1326) written after it was opened,
+    and remembers which syscall each killed process made (the latest MAX_WITNESSED).
 
     First choice: the audit netlink multicast group (read-only log, needs CAP_AUDIT_READ),
     which is not rate-limited the way printk is. Fallback: /dev/kmsg, where the kernel
     prints audit records when no audit daemon listens, at most ten per five seconds for
-    the whole machine. Open it before forking the child.
+    the whole machine. Open it before forking the child. ``listen=False`` opens nothing:
+    for a plugin host, whose service keeps the one witness (and names the syscall); one
+    multicast socket per plugin would take a copy of every audit record each, and fill.
+    A long-lived holder polls :meth:`fds` and calls :meth:`collect` when they are ready.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, listen: bool = True) -> None:
         self._nl: socket.socket | None = None
         self._kmsg: int | None = None
+        self._seen: collections.OrderedDict[int, tuple[str, float]] = collections.OrderedDict()
+        if not listen:
+            return
         try:
             nl = socket.socket(
                 socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_AUDIT
@@ -147,22 +159,43 @@ class SeccompWitness:
         except OSError:
             self._kmsg = None
 
-    def syscall_for(self, pid: int, wait_s: float = 0.5) -> str | None:
-        """The name of the syscall that killed ``pid``, if the kernel logged it.
+    def fds(self) -> list[int]:
+        """The descriptors that are readable when records wait."""
+        return [
+            fd for fd in (self._nl.fileno() if self._nl else None, self._kmsg) if fd is not None
+        ]
+
+    def collect(self) -> None:
+        """Read every record waiting; remember the seccomp kills among them."""
+        now = time.monotonic()
+        for pid, name in (*self._read_netlink(), *self._read_kmsg()):
+            self._seen[pid] = (name, now)
+            self._seen.move_to_end(pid)
+        while len(self._seen) > MAX_WITNESSED:
+            self._seen.popitem(last=False)
+
+    def syscall_for(self, pid: int, wait_s: float = 0.5, since: float = 0.0) -> str | None:
+        """The name of the syscall that killed ``pid``, if the kernel logged it (a record
+        read at or after ``since``, monotonic: not one of an earlier process's).
 
         kauditd delivers records asynchronously, so this polls for up to ``wait_s``.
         """
+        if not self.fds() and pid not in self._seen:
+            return None  # nothing to read it from
         deadline = time.monotonic() + wait_s
         while True:
-            found = self._scan_netlink(pid) or self._scan_kmsg(pid)
-            if found is not None or time.monotonic() >= deadline:
-                return found
+            self.collect()
+            found = self._seen.get(pid)
+            if found is not None and found[1] >= since:
+                return found[0]
+            if time.monotonic() >= deadline:
+                return None
             time.sleep(0.01)
 
-    def _scan_netlink(self, pid: int) -> str | None:
+    def _read_netlink(self) -> list[tuple[int, str]]:
         if self._nl is None:
-            return None
-        found: str | None = None
+            return []
+        found: list[tuple[int, str]] = []
         while True:
             try:
                 data = self._nl.recv(65536)
@@ -179,14 +212,16 @@ class SeccompWitness:
                 if length < _NLMSG_HDR:
                     break
                 if kind == AUDIT_SECCOMP:
-                    found = self._match(data[off + _NLMSG_HDR : off + length], pid) or found
+                    parsed = self._parse(data[off + _NLMSG_HDR : off + length])
+                    if parsed is not None:
+                        found.append(parsed)
                 off += (length + 3) & ~3
         return found
 
-    def _scan_kmsg(self, pid: int) -> str | None:
+    def _read_kmsg(self) -> list[tuple[int, str]]:
         if self._kmsg is None:
-            return None
-        found: str | None = None
+            return []
+        found: list[tuple[int, str]] = []
         while True:
             try:
                 record = os.read(self._kmsg, 8192)
@@ -199,15 +234,18 @@ class SeccompWitness:
             if not record:
                 break
             if b"type=1326" in record:
-                found = self._match(record, pid) or found
+                parsed = self._parse(record)
+                if parsed is not None:
+                    found.append(parsed)
         return found
 
     @staticmethod
-    def _match(record: bytes, pid: int) -> str | None:
+    def _parse(record: bytes) -> tuple[int, str] | None:
+        """(pid, syscall name) of one seccomp audit record, or None."""
         m = _AUDIT_RE.search(record.decode("utf-8", "replace"))
-        if m and int(m.group(1)) == pid:
-            return seccomp_filter.syscall_name(int(m.group(2)))
-        return None
+        if m is None:
+            return None
+        return int(m.group(1)), seccomp_filter.syscall_name(int(m.group(2)))
 
     def close(self) -> None:
         """Release the sockets."""

@@ -51,7 +51,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Final
 
-from forgeone_isolate import control, package, policy, sdnotify, signing, wasm
+from forgeone_isolate import control, observe, package, policy, sdnotify, signing, wasm
 from forgeone_isolate import manifest as mf
 from forgeone_isolate import plan as plan_mod
 from forgeone_isolate.artifacts import ArtifactStore
@@ -172,6 +172,21 @@ def cgroup_usage(dirs: list[str]) -> dict[str, Any]:
         if value in ("0", "1"):
             out["freezer"] = "FROZEN" if value == "1" else "THAWED"
     return out
+
+
+#: what a host reports when it did not read the audit records itself
+UNNAMED_SECCOMP_KILL: Final = "seccomp: unknown syscall"
+
+
+def name_seccomp_kill(
+    ev: dict[str, Any], pid1: int | None, witness: observe.SeccompWitness | None, since: float
+) -> dict[str, Any]:
+    """``ev`` (a host's exit event) with the killing syscall named from ``witness`` when
+    seccomp killed PID 1 ``pid1`` and the host could not name it; otherwise ``ev``."""
+    if ev.get("reason") != UNNAMED_SECCOMP_KILL or pid1 is None or witness is None:
+        return ev
+    name = witness.syscall_for(pid1, wait_s=0.3, since=since)
+    return {**ev, "reason": f"seccomp: {name}"} if name else ev
 
 
 def _write_existing(path: str, value: bytes) -> None:
@@ -390,6 +405,9 @@ class Service:
         self._io_device: tuple[int, int] | None = None  # the state dir's block device
         self._attested: dict[tuple[str, frozenset[str], frozenset[str]], Attested] = {}
         self.control: ControlServer | None = None
+        #: the one reader of the kernel's seccomp audit records for every plugin (opened
+        #: at start); a host reports "seccomp: unknown syscall" and the name comes from here
+        self.witness: observe.SeccompWitness | None = None
         self.metrics_server: ThreadingHTTPServer | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -414,6 +432,7 @@ class Service:
         self.control.bind()
         if cfg.metrics_listen is not None:
             self.metrics_server = start_metrics_server(self, cfg.metrics_listen)
+        self.witness = observe.SeccompWitness()
         self._spawn_thread("rows", self._write_instance_rows)
         self._spawn_thread("events", self._event_loop)
         self._spawn_thread("control", self.control.serve)
@@ -548,6 +567,8 @@ class Service:
             self.metrics_server.server_close()
         if self.registry is not None:
             self.registry.close()
+        if self.witness is not None:
+            self.witness.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -562,6 +583,8 @@ class Service:
         sel = selectors.DefaultSelector()
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         sel.register(self.fs.events, selectors.EVENT_READ, "forkserver")
+        for fd in self.witness.fds() if self.witness is not None else ():
+            sel.register(fd, selectors.EVENT_READ, "witness")
         try:
             while True:
                 with self.lock:
@@ -584,6 +607,9 @@ class Service:
                     elif key.data == "forkserver":
                         if not self._on_forkserver_events():
                             sel.unregister(self.fs.events)
+                    elif key.data == "witness":
+                        assert self.witness is not None
+                        self.witness.collect()
                     else:
                         inst = key.data
                         assert isinstance(inst, Instance)
@@ -634,7 +660,15 @@ class Service:
             except ValueError:
                 continue
             if isinstance(obj, dict):
+                if obj.get("ev") == "exit":
+                    obj = self._name_seccomp_kill(inst, obj)
                 self._on_event(inst, obj)
+
+    def _name_seccomp_kill(self, inst: Instance, ev: dict[str, Any]) -> dict[str, Any]:
+        """A host's exit event, with the syscall named if seccomp killed its plugin (the
+        host does not read audit records: see observe.SeccompWitness). Waits up to 0.3 s
+        for the kernel's record, only for such a kill."""
+        return name_seccomp_kill(ev, inst.pid1, self.witness, inst.started_at)
 
     def _on_event(self, inst: Instance, ev: dict[str, Any]) -> None:
         kind = ev.get("ev")
@@ -935,6 +969,7 @@ class Service:
             "uid_count": cfg.uid_count,
             "uid_hint": self._uid_hint(),
             "delegated": delegated,
+            "witness": "service",  # (our one witness names a seccomp kill)
         }
 
     def _policy(self) -> policy.Policy:

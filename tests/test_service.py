@@ -8,6 +8,7 @@ versions, dependencies) around the same module.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -378,6 +379,35 @@ def test_install_start_call_pause_resume_stop_uninstall_through_the_cli(
     again = svc.cli("start", "lifecycle")
     assert again.returncode == EXIT_BAD_INPUT
     assert "not installed" in again.stderr
+
+
+def _audit_sockets(pid: int) -> int:
+    """How many audit-netlink sockets process ``pid`` holds (/proc/net/netlink, protocol 9)."""
+    with open("/proc/net/netlink") as f:
+        audit = {row.split()[9] for row in f.readlines()[1:] if row.split()[1] == "9"}
+    held = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            held += target.startswith("socket:[") and target[8:-1] in audit
+    return held
+
+
+def test_one_seccomp_witness_for_the_service_none_per_plugin(
+    svc: Service, packages: Packages
+) -> None:
+    """The kernel copies every audit record into every audit-netlink socket: the service
+    reads them once for all its plugins, and no plugin host opens one of its own."""
+    svc.ok("install", str(packages.get("witnessed")))
+    svc.ok("start", "witnessed")
+    try:
+        info = svc.plugin("witnessed")
+        assert _audit_sockets(info["host_pid"]) == 0
+        assert svc.proc is not None
+        assert _audit_sockets(svc.proc.pid) == 1
+    finally:
+        svc.ok("stop", "witnessed")
+        svc.ok("uninstall", "witnessed")
 
 
 def test_a_crashed_plugin_is_restarted_and_the_restart_audited(
