@@ -776,7 +776,7 @@ class _Supervisor:
             sig = os.WTERMSIG(status)
             r.status = "killed"
             if sig == signal.SIGSYS:
-                name = self.witness.syscall_for(self.pid1) or "unknown syscall"
+                name = self.witness.syscall_for(self.pid1) or observe.UNKNOWN_SYSCALL
                 r.reason = f"seccomp: {name}"
             elif sig == signal.SIGXCPU:
                 r.reason = "timeout: cpu time limit"

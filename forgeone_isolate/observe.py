@@ -121,6 +121,9 @@ AUDIT_SECCOMP = 1326
 _NLMSG_HDR = 16
 
 
+#: the name a kill gets when no witness saw its record
+UNKNOWN_SYSCALL = "unknown syscall"
+
 #: seccomp kills a witness remembers (pid -> syscall), the latest ones
 MAX_WITNESSED = 4096
 

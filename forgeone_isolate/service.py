@@ -175,7 +175,7 @@ def cgroup_usage(dirs: list[str]) -> dict[str, Any]:
 
 
 #: what a host reports when it did not read the audit records itself
-UNNAMED_SECCOMP_KILL: Final = "seccomp: unknown syscall"
+UNNAMED_SECCOMP_KILL: Final = f"seccomp: {observe.UNKNOWN_SYSCALL}"
 
 
 def name_seccomp_kill(
@@ -323,7 +323,7 @@ class Attested:
 
 
 #: the plugin host's events that a waiting thread can be waiting for (see wait_for)
-WAITED_EVENTS: Final = frozenset({"ready", "paused", "result", "exit", "error"})
+WAITED_EVENTS: Final = frozenset({"ready", "result", "exit", "error"})
 
 #: attestations kept at most (one per installed package and trust store generation)
 MAX_ATTESTED: Final = 4096

@@ -552,3 +552,81 @@ def test_keeper_is_born_in_a_cgroup_v2_directory_and_pid1_with_it() -> None:
     assert os.WIFEXITED(run.status)
     assert os.WEXITSTATUS(run.status) == 0
     assert [m["m"] for m in run.got] == [markers.UNSHARED, markers.PID1, markers.EXITED]
+
+
+def _under_the_keeper_filter(action: str) -> tuple[int, bytes]:
+    """Fork a child that loads the keeper's own filter (``_keeper.keeper_filter``) and then
+    does ``action``; returns its wait status and what it wrote to its channel."""
+    import ctypes
+
+    from forgeone_isolate._sys import _keeper
+
+    ours, chan = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    other_r, other_w = os.pipe()
+    program = _keeper.keeper_filter(chan.fileno())
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    filt = ctypes.create_string_buffer(program, len(program))
+
+    class Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = Fprog(len(program) // 8, ctypes.addressof(filt))
+    msg = ctypes.create_string_buffer(b"ok")
+    sys_write, sys_getpid, sys_wait4 = 1, 39, 61  # x86_64
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the filtered child
+        try:
+            libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+            if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
+                os._exit(3)
+            if action == "write ctl":
+                libc.syscall(sys_write, chan.fileno(), msg, 2)
+            elif action == "write ctl, high bits":
+                libc.syscall(sys_write, ctypes.c_long((1 << 32) | chan.fileno()), msg, 2)
+            elif action == "write other":
+                libc.syscall(sys_write, other_w, msg, 2)
+            elif action == "wait4":
+                libc.syscall(sys_wait4, -1, None, 0, None)  # ECHILD: allowed, answered
+            elif action == "getpid":
+                libc.syscall(sys_getpid)
+        finally:
+            os._exit(0)
+    chan.close()
+    os.close(other_w)
+    _, status = os.waitpid(pid, 0)
+    with ours:
+        ours.setblocking(False)
+        try:
+            said = ours.recv(16)
+        except BlockingIOError:
+            said = b""
+    os.close(other_r)
+    return status, said
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers of x86_64")
+@pytest.mark.parametrize(
+    ("action", "allowed"),
+    [
+        ("write ctl", True),
+        ("wait4", True),
+        ("write ctl, high bits", False),
+        ("write other", False),
+        ("getpid", False),
+    ],
+)
+def test_the_keepers_own_filter_allows_its_channel_wait_and_exit_only(
+    action: str, allowed: bool
+) -> None:
+    """The keeper shares PID 1's memory, so its filter is what holds a keeper a plugin
+    might steer: write to its setup channel only (all 64 bits of the fd compared), wait,
+    exit. Loaded here in a child of the test's own, as the kernel runs it."""
+    status, said = _under_the_keeper_filter(action)
+    if allowed:
+        assert os.WIFEXITED(status), status
+        assert os.WEXITSTATUS(status) == 0
+        assert said == (b"ok" if action == "write ctl" else b"")
+    else:
+        assert os.WIFSIGNALED(status), status
+        assert os.WTERMSIG(status) == signal.SIGSYS

@@ -53,7 +53,7 @@
 #define EXIT_PROTOCOL 122
 #define MAX_STEPS 8
 
-/* Step timings (ms) of the keeper, copied into PID 1 by its fork: keeper_steps(). */
+/* Step timings (ms) of the keeper, read by PID 1 (which shares its memory): keeper_steps(). */
 static struct {
     const char *name;
     double ms;
@@ -74,29 +74,13 @@ static void record(const char *name, double started) {
     }
 }
 
-static void say(int fd, const char *text) {
-    ssize_t r;
-    do {
-        r = write(fd, text, strlen(text));
-    } while (r < 0 && errno == EINTR);
-}
-
-/* The step and the errno only: the parent words the message (os.strerror), so nothing
- * here depends on the locale or takes gettext's locks after the fork. */
-static void fail(int fd, const char *step, int err) {
-    char buf[128];
-    snprintf(buf, sizeof buf, "{\"m\": \"STEP_FAILED\", \"step\": \"%s\", \"errno\": %d}", step, err);
-    say(fd, buf);
-    _exit(EXIT_SETUP_FAILED);
-}
-
 static int cmp_int(const void *a, const void *b) {
     int x = *(const int *)a, y = *(const int *)b;
     return (x > y) - (x < y);
 }
 
-/* Close every descriptor but 0-2 and keep[0..n): the keeper, unconfined for the plugin's
- * whole life, and PID 1 hold nothing of the parent's (audit log, leases, sockets...). */
+/* Close every descriptor but 0-2 and keep[0..n): the keeper, alive for the plugin's whole
+ * life, and PID 1 hold nothing of the parent's (audit log, leases, sockets...). */
 static void close_all_but(int *keep, int n) {
     qsort(keep, n, sizeof *keep, cmp_int);
     unsigned int from = 3;
@@ -201,6 +185,17 @@ static long raw4(long nr, long a, long b, long c, long d) {
 static void raw_say(int fd, const char *text, size_t n) {
     while (raw4(SYS_write, fd, (long)text, (long)n, 0) == -EINTR) {
     }
+}
+
+static void say(int fd, const char *text) { raw_say(fd, text, strlen(text)); }
+
+/* The step and the errno only: the parent words the message (os.strerror), so nothing
+ * here depends on the locale or takes gettext's locks after the fork. */
+static void fail(int fd, const char *step, int err) {
+    char buf[128];
+    snprintf(buf, sizeof buf, "{\"m\": \"STEP_FAILED\", \"step\": \"%s\", \"errno\": %d}", step, err);
+    say(fd, buf);
+    _exit(EXIT_SETUP_FAILED);
 }
 
 /* A JSON marker with one integer field, formatted on the keeper's own stack. */
@@ -508,6 +503,15 @@ static PyObject *keeper_steps(PyObject *self, PyObject *unused) {
     return d;
 }
 
+static PyObject *keeper_filter(PyObject *self, PyObject *args) {
+    int ctl;
+    if (!PyArg_ParseTuple(args, "i", &ctl))
+        return NULL;
+    struct fo_sock_filter f[FO_KEEPER_FILTER_LEN];
+    keeper_filter_for(f, ctl);
+    return PyBytes_FromStringAndSize((const char *)f, sizeof f);
+}
+
 static PyMethodDef methods[] = {
     {"fork_keeper", fork_keeper, METH_VARARGS,
      "fork_keeper(ctl_fd, broker_fd, parent_pid, ns_flags, for_pid1, python_fork,"
@@ -515,6 +519,9 @@ static PyMethodDef methods[] = {
      " fds 0-2, the two channels and for_pid1 (closed once PID 1 is forked). The parent gets"
      " the keeper's pid; PID 1 of the new PID namespace gets 0. placed: the keeper was born in"
      " the cgroup v2 directory cgroup_fd (-1: none). Raises OSError if the first fork fails."},
+    {"keeper_filter", keeper_filter, METH_VARARGS,
+     "keeper_filter(ctl_fd) -> bytes: the BPF program (struct sock_filter[]) the keeper loads"
+     " on itself once PID 1 exists (for the tests, which load it in a child of their own)."},
     {"keeper_steps", keeper_steps, METH_NOARGS,
      "keeper_steps() -> {step: ms}: in PID 1, what the keeper's steps took."},
     {NULL, NULL, 0, NULL},
