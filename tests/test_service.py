@@ -28,8 +28,9 @@ from typing import Any
 
 import psutil
 import pytest
+from guestgen import Guest, write_plugin
 
-from forgeone_isolate import audit, control, package, signing
+from forgeone_isolate import audit, control, netns, package, signing
 from forgeone_isolate.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PLUGIN_FAILED
 
 REPO = Path(__file__).resolve().parent.parent
@@ -644,6 +645,53 @@ def test_the_operators_policy_applies_to_a_start_and_is_reread_when_it_changes(
         assert str(policy_file) in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
     finally:
+        assert s.terminate() == 0, s.log_text()[-3000:]
+
+
+def test_a_plugin_with_a_network_runs_under_the_service(
+    fresh: Callable[..., Service], keys: Keys, tmp_path: Path
+) -> None:
+    """A plugin granted net.connect, started by the service: its plugin host gives it a veth
+    (its address by its uid's place in the range: the first, in a fresh service), the
+    plugin's connection comes from that address and is audited, and stopping the plugin
+    removes the link."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", 0))  # the plugin's host end appears later
+    listener.listen(1)
+    listener.settimeout(PROMPT_S)
+    port = listener.getsockname()[1]
+    target = f"10.213.0.1:{port}"
+    g = Guest()
+    g.net_connect("conn", "10.213.0.1", port, slot=0)
+    g.fd_close("closed", slot=0)
+    src = write_plugin(tmp_path / "src", "netted", g.wat(), {"net.connect": [target]})
+    pkg = tmp_path / "netted.forgepkg"
+    pkg.write_bytes(package.build_package(src, keys.key))
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(
+        f'[[grant]]\nsigner = "{keys.fingerprint}"\nplugin = "netted"\nnet_connect = ["{target}"]\n'
+    )
+    s = fresh(policy=policy_file).start()
+    before = set(netns.list_our_links())
+    try:
+        s.ok("install", str(pkg))
+        s.ok("start", "netted")
+        conn, peer = listener.accept()
+        conn.close()
+        assert peer[0] == "10.213.0.2"  # made inside the plugin's namespace, on its veth
+        lines = [line["text"] for line in s.request("logs", name="netted", n=50)["lines"]]
+        assert "closed=0" in lines, lines
+        assert any(t.startswith("conn=") and int(t[5:]) >= 0 for t in lines), lines
+        records = s.request("audit", name="netted", n=50)["records"]
+        connects = [r for r in records if r.get("op") == "net_connect"]
+        assert [r["decision"] for r in connects] == ["allow"], records
+        links = sorted(set(netns.list_our_links()) - before)
+        assert len(links) == 1, links
+        s.ok("stop", "netted")
+        assert wait_for(lambda: links[0] not in netns.list_our_links()), links
+    finally:
+        listener.close()
         assert s.terminate() == 0, s.log_text()[-3000:]
 
 
