@@ -30,6 +30,7 @@ import base64
 import collections
 import contextlib
 import errno
+import fcntl
 import hashlib
 import heapq
 import ipaddress
@@ -409,8 +410,26 @@ class Service:
         #: at start); a host reports "seccomp: unknown syscall" and the name comes from here
         self.witness: observe.SeccompWitness | None = None
         self.metrics_server: ThreadingHTTPServer | None = None
+        self._state_lock_fd = -1
 
     # -- lifecycle -------------------------------------------------------------------
+
+    def _lock_state_dir(self) -> None:
+        """Hold ``<state_dir>/service.lock`` (flock) for the service's life: a second
+        service on the same state directory must not get as far as the crash cleanup,
+        which kills whatever the registry's instance rows name (the live service's
+        plugins). Raises: OpError naming the directory."""
+        path = self.config.state_dir / "service.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OpError(
+                f"state directory {self.config.state_dir}: another service is using it"
+                f" (it holds {path})"
+            ) from None
+        self._state_lock_fd = fd
 
     def start(self) -> None:
         """Open the registry, clean up after a crash, listen, restore desired states.
@@ -418,8 +437,9 @@ class Service:
         Raises: IsolateError (the reason named) when the service cannot come up.
         """
         cfg = self.config
-        for d in (cfg.state_dir, cfg.state_dir / "audit"):
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_state_dir()  # before anything in it is read or cleaned up
+        (cfg.state_dir / "audit").mkdir(exist_ok=True, mode=0o700)
         self.registry = Registry(cfg.state_dir)
         self.artifacts = ArtifactStore(cfg.state_dir / "artifacts")
         from forgeone_isolate.launch import io_device
@@ -572,6 +592,9 @@ class Service:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        if self._state_lock_fd >= 0:  # last: everything of ours in the directory is closed
+            os.close(self._state_lock_fd)
+            self._state_lock_fd = -1
 
     # -- the event loop ------------------------------------------------------------
 

@@ -996,6 +996,40 @@ def test_sigterm_stops_plugins_gracefully_and_exits_0(
     assert svc.terminate() == 0
 
 
+def test_a_second_service_on_the_same_state_dir_is_refused_and_kills_nothing(
+    fresh: Callable[..., Service], packages: Packages
+) -> None:
+    """A second ``serve`` on a live service's state directory (another socket) stops at the
+    directory's lock, before the crash cleanup that would kill the plugins its registry
+    rows name; the first service's plugin runs on, its process the same."""
+    first = fresh().start()
+    try:
+        first.ok("install", str(packages.get("statelock")))
+        first.ok("start", "statelock")
+        pid1 = first.plugin("statelock")["pid"]
+        other = fresh()
+        other.config.write_text(
+            other.config.read_text().replace(str(other.state), str(first.state))
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "forgeone_isolate", "serve", "--config", str(other.config)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert proc.returncode == EXIT_PLUGIN_FAILED, proc.stderr
+        assert f"state directory {first.state}: another service is using it" in proc.stderr
+        assert not other.socket.exists()
+        row = first.plugin("statelock")
+        assert (row["state"], row["pid"]) == ("running", pid1)
+        assert psutil.pid_exists(pid1)
+        assert first.ok("call", "statelock", "--input", "still here") == "STILL HERE\n"
+    finally:
+        assert first.terminate() == 0, first.log_text()[-3000:]
+
+
 def test_a_second_service_on_the_same_socket_is_refused(
     fresh: Callable[..., Service], svc: Service
 ) -> None:
