@@ -10,8 +10,12 @@ Channels (both ``AF_UNIX``/``SOCK_SEQPACKET``, one JSON object per message):
 
 - requests (service → fork server, answered in order)::
 
-      {"op": "spawn", "spec": {...}}  ->  {"ok": true, "pid": N}  + SCM_RIGHTS [channel, pidfd]
-      {"op": "ping"}                  ->  {"ok": true, "pid": N, "children": K}
+      {"op": "spawn", "spec": {...}, "id": I}  ->  {"ok": true, "pid": N, "id": I}
+                                                  + SCM_RIGHTS [channel, pidfd]
+      {"op": "ping", "id": I}                  ->  {"ok": true, "pid": N, "children": K, "id": I}
+
+  A reply echoes its request's ``id``: one that arrives after its request timed out is
+  dropped, not taken for the next request's.
 
   ``channel`` is the service's end of a new socketpair whose other end is the plugin
   host's; ``pidfd`` (``pidfd_open``) lets the service signal the host without a pid race.
@@ -40,13 +44,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
 from forgeone_isolate._sys import libc
 from forgeone_isolate.errors import IsolateError
 
 MAX_MESSAGE: Final = 256 * 1024
+#: how long a spawn's answer may take (a fork, a socketpair, a pidfd: milliseconds)
+SPAWN_TIMEOUT_S: Final = 10.0
 #: exit status of a fork server or plugin host whose setup broke before its main ran
 EXIT_INTERNAL: Final = 70
 
@@ -57,6 +63,14 @@ class ForkServerError(IsolateError):
     """Raised when the fork server cannot be started or does not answer a request."""
 
 
+def _decode_reply(msg: bytes) -> dict[str, Any] | None:
+    try:
+        reply = json.loads(msg) if msg else None
+    except ValueError:
+        return None
+    return reply if isinstance(reply, dict) else None
+
+
 @dataclass
 class Spawned:
     """A plugin host the fork server just forked."""
@@ -64,26 +78,39 @@ class Spawned:
     pid: int
     channel: socket.socket
     pidfd: int | None
+    #: held while the pidfd is used or closed: a closed number can be another's pidfd next
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _pidfd_closed: bool = field(default=False, repr=False, compare=False)
 
     def signal(self, sig: int) -> bool:
-        """Send ``sig`` through the pidfd (no pid-reuse race). False if it is gone."""
-        try:
+        """Send ``sig`` through the pidfd (no pid-reuse race). False if it is gone. Only a
+        host that never had a pidfd (a kernel before 5.3) is signalled by its pid."""
+        with self._lock:
+            try:
+                if self.pidfd is not None:
+                    signal.pidfd_send_signal(self.pidfd, sig)
+                elif self._pidfd_closed:
+                    return False  # reaped and released: the pid may be another process's
+                else:
+                    os.kill(self.pid, sig)
+            except (ProcessLookupError, OSError):
+                return False
+            return True
+
+    def close_pidfd(self) -> None:
+        """Release the pidfd (the host is gone); later signals are refused."""
+        with self._lock:
             if self.pidfd is not None:
-                signal.pidfd_send_signal(self.pidfd, sig)
-            else:
-                os.kill(self.pid, sig)
-        except (ProcessLookupError, OSError):
-            return False
-        return True
+                with contextlib.suppress(OSError):
+                    os.close(self.pidfd)
+                self.pidfd = None
+                self._pidfd_closed = True
 
     def close(self) -> None:
         """Release the channel and the pidfd."""
         with contextlib.suppress(OSError):
             self.channel.close()
-        if self.pidfd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.pidfd)
-            self.pidfd = None
+        self.close_pidfd()
 
 
 def default_preload() -> None:
@@ -120,6 +147,7 @@ class ForkServer:
         self.events = events
         self._lock = threading.Lock()
         self._closed = False
+        self._seq = 0  # the last request's number (the reply echoes it)
 
     @classmethod
     def start(
@@ -156,28 +184,36 @@ class ForkServer:
         return server
 
     def _ask(self, request: dict[str, Any], timeout: float) -> tuple[dict[str, Any], list[int]]:
+        """Send one request, return its reply and the descriptors passed with it.
+
+        Every request carries a number the reply echoes: a reply that comes after its
+        request timed out is recognised as stale and thrown away (its descriptors closed:
+        a host whose channel closes stops at its next idle moment), so the next request is
+        never answered with another's reply, a host that is not its own included.
+        """
         with self._lock:
             if self._closed:
                 raise ForkServerError("the fork server is closed")
-            self._requests.settimeout(timeout)
+            self._seq += 1
+            ident = self._seq
+            deadline = time.monotonic() + timeout
             try:
-                self._requests.send(json.dumps(request).encode())
-                msg, fds, _flags, _addr = socket.recv_fds(self._requests, MAX_MESSAGE, 2)
+                self._requests.send(json.dumps({**request, "id": ident}).encode())
+                while True:
+                    self._requests.settimeout(max(0.001, deadline - time.monotonic()))
+                    msg, fds, _flags, _addr = socket.recv_fds(self._requests, MAX_MESSAGE, 2)
+                    reply = _decode_reply(msg)
+                    if reply is not None and reply.get("id") == ident:
+                        return reply, list(fds)
+                    for fd in fds:
+                        os.close(fd)
+                    if not msg:
+                        raise ForkServerError("the fork server has gone")
+                    if reply is None:
+                        raise ForkServerError("the fork server sent garbage")
+                    # an earlier request's late answer: dropped, ours still to come
             except (OSError, TimeoutError) as e:
                 raise ForkServerError(f"the fork server does not answer: {e}") from None
-        if not msg:
-            for fd in fds:
-                os.close(fd)
-            raise ForkServerError("the fork server has gone")
-        try:
-            reply = json.loads(msg)
-        except ValueError:
-            reply = None
-        if not isinstance(reply, dict):
-            for fd in fds:
-                os.close(fd)
-            raise ForkServerError("the fork server sent garbage")
-        return reply, list(fds)
 
     def ping(self, timeout: float = 10.0) -> dict[str, Any]:
         """Check that it answers. Raises: ForkServerError."""
@@ -186,7 +222,7 @@ class ForkServer:
             os.close(fd)
         return reply
 
-    def spawn(self, spec: dict[str, Any], timeout: float = 10.0) -> Spawned:
+    def spawn(self, spec: dict[str, Any], timeout: float = SPAWN_TIMEOUT_S) -> Spawned:
         """Fork a plugin host that runs ``host_main(spec, channel)``. Raises: ForkServerError."""
         reply, fds = self._ask({"op": "spawn", "spec": spec}, timeout)
         if not reply.get("ok") or not fds or not isinstance(reply.get("pid"), int):
@@ -341,16 +377,18 @@ def _serve(
                     op = request.get("op") if isinstance(request, dict) else None
                 except ValueError:
                     op = None
+                ident = request.get("id") if op is not None else None  # echoed in the reply
                 if op == "spawn" and isinstance(request.get("spec"), dict):
                     try:
                         pid, ours, pidfd = spawn(request["spec"])
                     except OSError as e:
-                        req.send(json.dumps({"ok": False, "error": str(e)}).encode())
+                        reply = {"ok": False, "error": str(e), "id": ident}
+                        req.send(json.dumps(reply).encode())
                         continue
                     fds = [ours.fileno()] + ([pidfd] if pidfd is not None else [])
                     try:
                         req.sendmsg(
-                            [json.dumps({"ok": True, "pid": pid}).encode()],
+                            [json.dumps({"ok": True, "pid": pid, "id": ident}).encode()],
                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
                         )
                     finally:
@@ -358,10 +396,11 @@ def _serve(
                         if pidfd is not None:
                             os.close(pidfd)
                 elif op == "ping":
-                    reply = {"ok": True, "pid": my_pid, "children": len(children)}
+                    reply = {"ok": True, "pid": my_pid, "children": len(children), "id": ident}
                     req.send(json.dumps(reply).encode())
                 else:
-                    req.send(json.dumps({"ok": False, "error": "unknown request"}).encode())
+                    reply = {"ok": False, "error": "unknown request", "id": ident}
+                    req.send(json.dumps(reply).encode())
     except BaseException:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
@@ -369,4 +408,11 @@ def _serve(
         os._exit(0)
 
 
-__all__ = ["ForkServer", "ForkServerError", "HostMain", "Spawned", "default_preload"]
+__all__ = [
+    "SPAWN_TIMEOUT_S",
+    "ForkServer",
+    "ForkServerError",
+    "HostMain",
+    "Spawned",
+    "default_preload",
+]

@@ -66,7 +66,7 @@ from forgeone_isolate.errors import (
     PackageError,
     VerificationError,
 )
-from forgeone_isolate.forkserver import ForkServer, ForkServerError, Spawned
+from forgeone_isolate.forkserver import SPAWN_TIMEOUT_S, ForkServer, ForkServerError, Spawned
 from forgeone_isolate.registry import Candidate, Registry, RegistryError
 
 log = logging.getLogger("forgeone_isolate.service")
@@ -411,6 +411,7 @@ class Service:
         self.witness: observe.SeccompWitness | None = None
         self.metrics_server: ThreadingHTTPServer | None = None
         self._state_lock_fd = -1
+        self._launching = 0  # _launch calls between their stopping check and their instance
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -517,8 +518,9 @@ class Service:
                     continue
                 try:
                     inst = self._launch(row.name)
-                except IsolateError as e:
-                    self._failure(rt, None, f"restore failed: {e}", permanent=False)
+                except IsolateError as e:  # a refused package or policy: as at a restart
+                    bad = isinstance(e, BadInputError)
+                    self._failure(rt, None, f"restore failed: {e}", permanent=bad)
                     continue
             log.info("%s: restoring desired state %s", row.name, row.desired)
             if row.desired == "paused":
@@ -539,9 +541,12 @@ class Service:
 
     def shutdown(self) -> None:
         """Stop every plugin within the bound, close everything, remove the socket."""
-        with self.lock:
+        with self.cond:
             self.stopping = True
             self._timers.clear()
+            # A launch past its stopping check registers its instance first (bounded by
+            # the fork server's answer): then it is in the list below.
+            self.cond.wait_for(lambda: self._launching == 0, 2 * SPAWN_TIMEOUT_S)
             instances = [rt.instance for rt in self.runtimes.values() if rt.instance]
         if self.control is not None:
             self.control.close()
@@ -650,7 +655,11 @@ class Service:
     def _on_forkserver_events(self) -> bool:
         events = self.fs.read_events()
         if events is None:
-            if not self.stopping:
+            with self.lock:
+                was_stopping, self.stopping = self.stopping, True
+            if not was_stopping:
+                # Stopping from here on: the hosts die with the fork server (pdeathsig), and
+                # their ends are not failures to restart (nor to audit as such).
                 log.error("the fork server has died; stopping (the service manager restarts us)")
                 self.fatal = "fork server died"
                 self.request_stop()
@@ -756,10 +765,7 @@ class Service:
             self._release_slot(inst)
             if self.registry is not None and inst.instance_id:
                 self._row_queue.put(("remove", inst.instance_id))
-            if inst.spawned.pidfd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(inst.spawned.pidfd)
-                inst.spawned.pidfd = None
+            inst.spawned.close_pidfd()
             rt = self.runtimes.get(inst.name)
             if rt is not None and rt.instance is inst:
                 rt.instance = None
@@ -1118,42 +1124,56 @@ class Service:
         """Spawn a plugin host for ``name`` (the caller holds its op_lock). Raises: IsolateError."""
         spec = self._spec(name)
         with self.lock:
-            running = sum(1 for rt in self.runtimes.values() if rt.instance is not None)
-        if running >= self.config.max_plugins:
-            raise OpError(f"{name}: {running} plugins run already (max_plugins)")
-        while not self.launch_slots.acquire(timeout=0.5):
             if self.stopping:
                 raise OpError("the service is stopping")
+            running = sum(1 for rt in self.runtimes.values() if rt.instance is not None)
+            if running >= self.config.max_plugins:
+                raise OpError(f"{name}: {running} plugins run already (max_plugins)")
+            # counted until its instance is registered: shutdown waits for it, so that a
+            # start racing a SIGTERM is stopped like the others, not left to the fork server
+            self._launching += 1
         try:
-            spawned = self.fs.spawn(spec)
-        except ForkServerError:
-            self.launch_slots.release()
-            raise
-        plan = spec["plan"]  # ours: what the instance is, before its host says anything
-        inst = Instance(
-            name,
-            spawned,
-            slot_held=True,
-            instance_id=plan["instance_id"],
-            version=plan["version"],
-            signer=plan["signer"],
-            limits=dict(spec["limits"]),
-        )
-        with self.lock:
-            rt = self._runtime(name)
-            rt.instance = inst
-            rt.restart_at = None
-            self._pending.append(inst)
+            while not self.launch_slots.acquire(timeout=0.5):
+                if self.stopping:
+                    raise OpError("the service is stopping")
+            try:
+                spawned = self.fs.spawn(spec)
+            except ForkServerError:
+                self.launch_slots.release()
+                raise
+            plan = spec["plan"]  # ours: what the instance is, before its host says anything
+            inst = Instance(
+                name,
+                spawned,
+                slot_held=True,
+                instance_id=plan["instance_id"],
+                version=plan["version"],
+                signer=plan["signer"],
+                limits=dict(spec["limits"]),
+            )
+            with self.lock:
+                rt = self._runtime(name)
+                rt.instance = inst
+                rt.restart_at = None
+                self._pending.append(inst)
+        finally:
+            with self.cond:
+                self._launching -= 1
+                self.cond.notify_all()
         self._wake()
         return inst
 
-    def _wait_ready(self, inst: Instance, timeout: float) -> None:
+    def _wait_ready(self, inst: Instance, timeout: float, ours: bool = True) -> None:
+        """Wait until ``inst`` idles. Raises OpError when it fails or ``timeout`` passes;
+        then an instance the caller launched (``ours``) is ended too: one the restart policy
+        launched is left to its own start timeout."""
         with self.cond:
             done = self.cond.wait_for(lambda: inst.ready or inst.gone, timeout)
         if inst.ready and not inst.gone:
             return
         if not done:
-            inst.spawned.signal(signal.SIGTERM)
+            if ours:
+                inst.spawned.signal(signal.SIGTERM)
             raise OpError(f"{inst.name}: did not start within {timeout:.0f} s")
         with self.cond:
             self.cond.wait_for(lambda: inst.gone, 5.0)
@@ -1324,8 +1344,19 @@ class Service:
             inst = rt.instance
             if kind != "same" and inst is not None and not inst.gone:
                 self._stop_instance(inst, self.config.stop_timeout_s)
-                new = self._launch(m.name)
-                self._wait_ready(new, START_TIMEOUT_S)
+                # Installed whatever happens next: a failed restart is said as such, and
+                # is the restart policy's to handle (a start that fails does that itself).
+                failed = f"{row.name} {row.version} is installed, but did not restart"
+                try:
+                    new = self._launch(m.name)
+                except IsolateError as e:
+                    bad = isinstance(e, BadInputError)
+                    self._failure(rt, None, f"restart after install: {e}", permanent=bad)
+                    raise OpError(f"{failed}: {e}", EXIT_PLUGIN_FAILED) from None
+                try:
+                    self._wait_ready(new, START_TIMEOUT_S)
+                except OpError as e:
+                    raise OpError(f"{failed}: {e}", EXIT_PLUGIN_FAILED) from None
                 if row.desired == "paused":
                     self._command(new, "pause")
                 restarted = True
@@ -1386,9 +1417,10 @@ class Service:
         Raises: OpError with the last cause once the policy gives up, the failure is bad
         input, the operator stopped the plugin, or the deadline passes.
         """
+        ours = True  # the first is the caller's; later ones the restart policy's
         while True:
             try:
-                self._wait_ready(inst, max(0.1, deadline - time.monotonic()))
+                self._wait_ready(inst, max(0.1, deadline - time.monotonic()), ours)
             except OpError as e:
                 if e.exit_status == EXIT_BAD_INPUT:
                     raise
@@ -1412,6 +1444,7 @@ class Service:
                 ):
                     raise
                 inst = current
+                ours = False
                 continue
             return inst
 

@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -540,6 +541,33 @@ def test_upgrade_of_a_running_plugin_restarts_it(svc: Service, packages: Package
     svc.ok("uninstall", "upgraded")
 
 
+def test_an_upgrade_whose_restart_fails_is_installed_and_says_so(
+    fresh: Callable[..., Service], packages: Packages, tmp_path: Path
+) -> None:
+    """The new version is installed (and audited) before the running one is replaced; if
+    the replacement cannot start (here: the operator's policy has become malformed), the
+    answer says the install happened and the restart did not (status 1), and the plugin
+    is marked failed, not left looking stopped on purpose."""
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text("[defaults]\nrate_per_s = 100\n")
+    s = fresh(policy=policy_file).start()
+    try:
+        s.ok("install", str(packages.get("upbroken", "1.0.0")))
+        s.ok("start", "upbroken")
+        policy_file.write_text("[[grant]]\nsigner = 5\n")
+        proc = s.cli("install", str(packages.get("upbroken", "1.1.0")))
+        assert proc.returncode == EXIT_PLUGIN_FAILED, (proc.stdout, proc.stderr)
+        assert "upbroken 1.1.0 is installed, but did not restart" in proc.stderr
+        assert str(policy_file) in proc.stderr
+        row = s.plugin("upbroken")
+        assert (row["version"], row["desired"]) == ("1.1.0", "running")
+        assert row["state"] == "failed", row
+        ops = [r["op"] for r in s.request("audit", name="upbroken", n=50)["records"]]
+        assert ops.count("install") == 2, ops
+    finally:
+        assert s.terminate() == 0, s.log_text()[-3000:]
+
+
 def test_missing_and_conflicting_dependencies_refused(svc: Service, packages: Packages) -> None:
     needy = packages.get("needy", "1.0.0", {"depbase": "^1.2.0"})
     proc = svc.cli("install", str(needy))
@@ -966,6 +994,31 @@ def test_kill9_of_the_service_leaves_no_plugin_and_restart_restores_states(
     assert svc.terminate() == 0
 
 
+def test_the_fork_server_dying_stops_the_service_without_restarts(
+    fresh: Callable[..., Service], packages: Packages
+) -> None:
+    """kill -9 of the fork server: its hosts end their plugins (pdeathsig), and the service
+    stops with them, status 1. Those ends are the stop's, not failures: no restart is
+    tried or audited (the restart policy is on-failure), nothing is left behind."""
+    svc = fresh(restart={"policy": "on-failure"}).start()
+    svc.ok("install", str(packages.get("fsdeath")))
+    svc.ok("start", "fsdeath")
+    info = svc.plugin("fsdeath")
+    forkserver = [p for p in psutil.Process(svc.pid).children() if p.name() == "forgeone-forksv"]
+    assert len(forkserver) == 1
+    tree = svc.descendants()
+    forkserver[0].kill()
+    assert svc.proc is not None
+    assert svc.proc.wait(30) == EXIT_PLUGIN_FAILED
+    assert "the fork server has died" in svc.log_text()
+    assert wait_for(lambda: all(gone(pid) for pid in tree))
+    assert wait_for(lambda: all(not Path(d).exists() for d in info["cgroups"]))
+    log_file = svc.state / "audit" / "fsdeath.jsonl"
+    ops = [json.loads(line)["op"] for line in log_file.read_text().splitlines()]
+    assert "restart" not in ops, ops
+    assert audit.verify(log_file).ok
+
+
 def test_sigterm_stops_plugins_gracefully_and_exits_0(
     fresh: Callable[..., Service], packages: Packages
 ) -> None:
@@ -1028,6 +1081,42 @@ def test_a_second_service_on_the_same_state_dir_is_refused_and_kills_nothing(
         assert first.ok("call", "statelock", "--input", "still here") == "STILL HERE\n"
     finally:
         assert first.terminate() == 0, first.log_text()[-3000:]
+
+
+def test_sigterm_during_a_burst_of_starts_leaves_nothing(
+    fresh: Callable[..., Service], packages: Packages
+) -> None:
+    """SIGTERM while starts are in flight: the service exits 0 and no host, keeper, PID 1
+    or cgroup of any of them is left, whether its start had been answered or not."""
+    svc = fresh().start()
+    names = [f"burst{i}" for i in range(8)]
+    for name in names:
+        svc.ok("install", str(packages.get(name)))
+    seen: set[int] = set()
+    threads = [
+        threading.Thread(target=svc.cli, args=("start", name), daemon=True) for name in names
+    ]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: len(svc.descendants()) > 3, 30.0)  # some launches under way
+    seen.update(svc.descendants())
+    assert svc.proc is not None
+    svc.proc.send_signal(signal.SIGTERM)
+    while svc.proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            seen.update(svc.descendants())
+        time.sleep(0.005)
+    assert svc.proc.returncode == 0, svc.log_text()[-3000:]
+    for t in threads:
+        t.join(60)
+    assert wait_for(lambda: all(gone(pid) for pid in seen)), [p for p in seen if not gone(p)]
+    left = [
+        str(d)
+        for name in names
+        for d in Path("/sys/fs/cgroup").glob(f"**/forgeone/{name}-*")
+        if d.is_dir()
+    ]
+    assert left == []
 
 
 def test_a_second_service_on_the_same_socket_is_refused(
