@@ -248,16 +248,25 @@ def run_plan(
             sup.sel.close()  # (run() closes it too; closing twice is harmless)
         with contextlib.suppress(Exception):
             pc.kill()
+        # Every step below runs whatever an earlier one raised (a veth the kernel would not
+        # delete must not leave the cgroups behind too); the first failure is raised last.
+        cleanup_error: Exception | None = None
         if sup is not None and sup.link is not None:
             with contextlib.suppress(Exception):
                 result.network.update(sup.link.stats())
-            sup.link.teardown()
+            try:
+                sup.link.teardown()
+            except Exception as e:
+                cleanup_error = e
         if sup is not None and sup.netns_fd >= 0:
             os.close(sup.netns_fd)
         stats: dict[str, int] = {}
         with contextlib.suppress(Exception):
             stats = pc.stats()
-        pc.remove()
+        try:
+            pc.remove()
+        except Exception as e:
+            cleanup_error = cleanup_error or e
         witness.close()
         broker.close()
         for s in (ctl_parent, brk_parent):
@@ -266,6 +275,8 @@ def run_plan(
             os.close(devnull)
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, own_affinity)  # _share_one_cpu pinned us for the run
+        if cleanup_error is not None and sys.exc_info()[1] is None:
+            raise cleanup_error  # (an error already on its way out is the one to report)
     result.broker = {
         "allowed": broker.stats.allowed,
         "denied": broker.stats.denied,

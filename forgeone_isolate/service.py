@@ -754,9 +754,12 @@ class Service:
         """A plugin host's channel closed: it and its sandbox are gone."""
         with contextlib.suppress(OSError):
             inst.spawned.channel.close()
-        dirs = list(inst.cgroups) if inst.final is None else []
+        # Unless the host reported its plugin's end (its cleanup ran), what it named is
+        # removed here: it died (pdeathsig killed its keeper and PID 1), or its cleanup
+        # failed and it said so in an error event. (Nothing there: nothing to do.)
+        finished = inst.final is not None and inst.final.get("ev") == "exit"
+        dirs = [] if finished else list(inst.cgroups)
         if dirs:
-            # The host died without cleaning up: pdeathsig killed its keeper and PID 1.
             left = remove_cgroup_dirs(dirs)
             if left:
                 log.warning("%s: cgroups not removed: %s", inst.name, left)

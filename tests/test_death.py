@@ -309,3 +309,36 @@ def test_runtime_memory_beyond_the_sandbox_is_refused(base_plan: SandboxPlan) ->
         assert result.reason.startswith("memory"), result
     else:
         assert_exited(result, 3)
+
+
+def test_a_failed_link_teardown_still_removes_the_cgroups(
+    base_plan: SandboxPlan, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The veth's delete is refused (made to fail here): the cgroups, sockets and the rest
+    are still cleaned up, and the teardown's error is the launch's (not swallowed). The
+    kernel deletes the pair with the namespace; ``leak_check`` checks the cgroups."""
+    from forgeone_isolate import netns
+    from forgeone_isolate.errors import SetupError
+
+    netted = dataclasses.replace(
+        base_plan, network="veth", effective=policy.Effective(net_connect=frozenset())
+    )
+
+    def refused(self: netns.PluginLink) -> None:
+        raise SetupError("net-teardown", errno.EBUSY, "refused for the test")
+
+    monkeypatch.setattr(netns.PluginLink, "teardown", refused)
+    hosts = cgroup.detect()
+    made: list[cgroup.PluginCgroup] = []
+    create = hosts.create
+
+    def recording_create(name: str, limits: cgroup.CgroupLimits) -> cgroup.PluginCgroup:
+        made.append(create(name, limits))
+        return made[-1]
+
+    monkeypatch.setattr(hosts, "create", recording_create)
+    with pytest.raises(SetupError, match="refused for the test"):
+        run_plan(netted, lambda: lambda: 0, hosts)
+    assert len(made) == 1
+    assert made[0].paths
+    assert not any(os.path.exists(p) for p in made[0].paths), made[0].paths
