@@ -24,6 +24,7 @@ Thread-safe: one connection guarded by a lock (the service calls it from several
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sqlite3
@@ -203,6 +204,17 @@ class Registry:
             raise ValueError(f"not a sha256: {sha256[:80]!r}")
         return self.packages_dir / f"{sha256}.forgepkg"
 
+    def _store_package(self, sha256: str, data: bytes) -> None:
+        """Keep ``data`` (whose digest is ``sha256``) at its path: written when missing, and
+        rewritten when what is there does not hash to it (deleted or damaged on disk)."""
+        path = self.package_path(sha256)
+        try:
+            if hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+                return
+        except FileNotFoundError:
+            pass
+        write_atomic(path, data, mode=0o600)
+
     def get(self, name: str) -> Installed | None:
         """The installed plugin ``name``, or None."""
         with self._rlock:
@@ -308,15 +320,13 @@ class Registry:
         with self._lock:
             kind = self.check_install(cand, allow_downgrade)
             current = self.get(cand.name)
+            self._store_package(cand.sha256, data)  # (a reinstall repairs a lost copy)
             if kind == "same" and current is not None:
                 if restart_policy is not None or max_restarts is not None:
                     self.set_restart(cand.name, restart_policy, max_restarts)
                     current = self.get(cand.name)
                 assert current is not None
                 return kind, current
-            path = self.package_path(cand.sha256)
-            if not path.exists():
-                write_atomic(path, data, mode=0o600)
             now = time.time()
             desired = current.desired if current is not None else "stopped"
             policy = restart_policy or (current.restart_policy if current else None)

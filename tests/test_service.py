@@ -614,6 +614,8 @@ def test_untrusted_or_tampered_packages_refused(
 def test_a_stored_package_tampered_on_disk_is_refused_at_start(
     svc: Service, packages: Packages
 ) -> None:
+    """A damaged stored copy is refused at start; installing the same package again
+    repairs it (as it does a deleted one), and the plugin starts."""
     pkg = packages.get("ondisk")
     svc.ok("install", str(pkg))
     stored = svc.state / "packages" / f"{hashlib.sha256(pkg.read_bytes()).hexdigest()}.forgepkg"
@@ -624,10 +626,17 @@ def test_a_stored_package_tampered_on_disk_is_refused_at_start(
         assert proc.returncode == EXIT_BAD_INPUT
         assert "does not hash to its registry digest" in proc.stderr
         assert wait_for(lambda: svc.plugin("ondisk")["state"] == "failed")
+        assert "same: ondisk 1.0.0" in svc.ok("install", str(pkg))
+        assert stored.read_bytes() == original
+        svc.ok("start", "ondisk")
+        svc.ok("stop", "ondisk")
+        stored.unlink()
+        assert "same: ondisk 1.0.0" in svc.ok("install", str(pkg))
+        assert stored.read_bytes() == original
+        svc.ok("start", "ondisk")
+        svc.ok("stop", "ondisk")
     finally:
         stored.write_bytes(original)
-    svc.ok("start", "ondisk")
-    svc.ok("stop", "ondisk")
     svc.ok("uninstall", "ondisk")
 
 
