@@ -26,6 +26,7 @@ import hmac
 import importlib.metadata
 import json
 import os
+import re
 import secrets
 import threading
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from typing import Any, Final
 FORMAT_VERSION: Final = 1
 KEY_BYTES: Final = 32
 MAX_ARTIFACT_BYTES: Final = 256 * 1024 * 1024
+_TAG_RE: Final = re.compile(r"[0-9a-f]{64}\Z")  # hexdigest(): compare_digest takes ASCII only
 
 
 @functools.cache
@@ -80,12 +82,15 @@ def decode(key: bytes, data: bytes, wasm_sha256: str) -> Artifact | None:
         return None
     try:
         header = json.loads(line)
-    except ValueError:
+        if not isinstance(header, dict):
+            return None
+        tag = header.pop("hmac", None)
+        if not isinstance(tag, str) or not _TAG_RE.match(tag):
+            return None
+        expected = _tag(key, header, serialized)
+    except (ValueError, RecursionError):  # RecursionError: "[[[[...", nested past the stack
         return None
-    if not isinstance(header, dict):
-        return None
-    tag = header.pop("hmac", None)
-    if not isinstance(tag, str) or not hmac.compare_digest(tag, _tag(key, header, serialized)):
+    if not hmac.compare_digest(tag, expected):
         return None
     lifecycle = header.get("lifecycle")
     if (

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from forgeone_isolate.errors import PolicyError
+from forgeone_isolate.manifest import shown_number
 from forgeone_isolate.policy import (
     KeyPath,
     index_key_lines,
@@ -295,7 +296,7 @@ class _Loader:
         if isinstance(value, bool) or not isinstance(value, int):
             self.fail(key, f"must be an integer, not {type(value).__name__}")
         if not low <= value <= high:
-            self.fail(key, f"must be in {low}..{high}, not {value}")
+            self.fail(key, f"must be in {low}..{high}, not {shown_number(value)}")
         return value
 
     def number(
@@ -304,8 +305,9 @@ class _Loader:
         value = table.get(str(key[-1]), default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(key, f"must be a number, not {type(value).__name__}")
-        if not low <= float(value) <= high:
-            self.fail(key, f"must be in [{low}, {high}], not {value}")
+        # compared as it is: float() of a 400-digit integer overflows; NaN fails every test
+        if not low <= value <= high:
+            self.fail(key, f"must be in [{low}, {high}], not {shown_number(value)}")
         return float(value)
 
     def network(self, table: Mapping[str, Any]) -> ipaddress.IPv4Network:
@@ -322,7 +324,9 @@ class _Loader:
     def listen(self, text: str) -> tuple[str, int]:
         key: KeyPath = ("metrics", "listen")
         m = re.fullmatch(
-            r"\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<p6>\d{1,5})|(?P<v4>[0-9.]+):(?P<p4>\d{1,5})", text
+            # [0-9], not \d: \d matches non-ASCII digits, which int() reads ("٨٠" is 80)
+            r"\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<p6>[0-9]{1,5})|(?P<v4>[0-9.]+):(?P<p4>[0-9]{1,5})",
+            text,
         )
         if m is None:
             self.fail(key, f"must be ADDRESS:PORT with a loopback IP address, not {text[:80]!r}")

@@ -2,7 +2,8 @@
 
 A Unix stream socket (default ``/run/forgeone/control.sock``); JSON lines; one request, one
 response, in order, any number per connection. Every request is one JSON object on one line
-(UTF-8, at most :data:`MAX_REQUEST_BYTES`) with an ``op`` and the op's fields, nothing else:
+(UTF-8, at most :data:`MAX_REQUEST_BYTES`) with an ``op`` and the op's fields, nothing else
+(each once; a string, a number or a boolean, never an array or object):
 
 =============  ==========================================================================
 op             fields (``name`` is a plugin name)
@@ -33,6 +34,7 @@ import binascii
 import contextlib
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,10 @@ MAX_RESPONSE_BYTES: Final = 64 * 1024 * 1024
 MAX_CALL_INPUT: Final = 60 * 1024
 MAX_TAIL: Final = 10_000
 SOCKET_ENV: Final = "FORGEONE_SOCKET"
+#: strings (keys and values) in one request: every op's fields and values fit in 12
+MAX_REQUEST_STRINGS: Final = 16
+#: a JSON string (skipped whole), a bracket, or a quote that opens no whole string
+_SHAPE_TOKEN_RE: Final = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"|[\[\]{}]|"', re.S)
 
 _NAME: Final = (str, True)
 #: op -> field -> (type, required)
@@ -127,6 +133,44 @@ def b64decode(text: str, what: str, limit: int) -> bytes:
     return data
 
 
+def _check_shape(text: str) -> None:
+    """Refuse a request json.loads would build a mountain of objects from, before it runs:
+    every field is a string, a number or a boolean, so nothing nests in the one object, and
+    there are at most MAX_REQUEST_STRINGS strings (a 44 MB line of ``[{},{},...]`` is a
+    gigabyte of dicts). Malformed JSON it leaves to json.loads. Raises: RequestError."""
+    if text.count('"') <= 2 * MAX_REQUEST_STRINGS and text.count("[") + text.count("{") <= 1:
+        return  # the usual request, a 44 MB package's too: counting is 10 times faster
+    depth = 0
+    strings = 0
+    for m in _SHAPE_TOKEN_RE.finditer(text):
+        char = text[m.start()]
+        if m.end() - m.start() > 1:  # a whole string
+            strings += 1
+            if strings > MAX_REQUEST_STRINGS:
+                raise RequestError(f"request has more than {MAX_REQUEST_STRINGS} strings")
+        elif char in "[{":
+            depth += 1
+            if depth > 1:
+                raise RequestError(
+                    "request must be one flat JSON object: a field is an array or object"
+                )
+        elif char in "]}":
+            depth -= 1
+            if depth < 0:
+                return
+        else:  # an unterminated string
+            return
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:  # which one would count is a parser's choice: refuse the doubt
+            raise RequestError(f"request gives the field {key[:40]!r} twice")
+        out[key] = value
+    return out
+
+
 def parse_request(line: bytes) -> Request:
     """Validate one request line (without or with its newline). Raises: RequestError."""
     if len(line) > MAX_REQUEST_BYTES:
@@ -135,8 +179,9 @@ def parse_request(line: bytes) -> Request:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise RequestError("request is not UTF-8") from None
+    _check_shape(text)
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError):
         raise RequestError("request is not valid JSON (one object per line)") from None
     if not isinstance(obj, dict):

@@ -128,6 +128,13 @@ def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def shown_number(value: float) -> str:
+    """``value`` for an error line: an integer of more than 24 digits is cut short, so a
+    hostile file of 4000 digits does not fill the line."""
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}…({len(text.lstrip('-'))} digits)"
+
+
 def check_depth(data: bytes, max_depth: int = MAX_DEPTH) -> None:
     """Refuse JSON nested deeper than ``max_depth`` before any recursive parser sees it.
 
@@ -345,7 +352,9 @@ def _parse_limits(value: Any) -> Limits:
         if type(v) is not int:
             raise ManifestError(f"manifest: 'limits.{key}' must be an integer")
         if not low <= v <= high:
-            raise ManifestError(f"manifest: 'limits.{key}' = {v} is outside {low}..{high}")
+            raise ManifestError(
+                f"manifest: 'limits.{key}' = {shown_number(v)} is outside {low}..{high}"
+            )
         out[key] = v
     return Limits(**out)
 

@@ -36,7 +36,9 @@ The file must be a regular file that not every user may write (a root service tr
 Ranges: ``rate_per_s`` a number in (0, 100000]; ``burst`` an integer 1..1000000;
 ``kv_quota_bytes`` an integer 0..1073741824; at most 64 entries per list and 64 config keys.
 Unknown keys and tables, wrong types, bad values and a second grant for the same
-(signer, plugin) are refused. Every error is one line,
+(signer, plugin) are refused; so are, before the TOML is parsed, a key of more than
+MAX_KEY_PARTS dotted parts, arrays nested deeper than MAX_TOML_DEPTH and an unquoted word
+of more than MAX_BARE_CHARS characters. Every error is one line,
 ``policy FILE:LINE: <key path>: <problem>``, where the key path counts grants from 1
 (``grant[2].limits.memory_mb``) and LINE is the line of the offending key (of the grant's
 ``[[grant]]`` header when a required key is missing).
@@ -58,6 +60,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import os
@@ -243,6 +246,65 @@ _SYNTAX_RE: Final = re.compile(
 )
 
 
+#: key parts a dotted key or table header may have (our schemas need 3): tomllib's cost grows
+#: with the square of the parts, ``a.a.a...a = 1`` of 16000 parts takes seconds and a GiB
+MAX_KEY_PARTS: Final = 8
+#: nesting of arrays and inline tables (ours need 2): deeper ones exhaust tomllib's recursion
+MAX_TOML_DEPTH: Final = 32
+#: a key or bare value (not quoted) longer than this is no key of ours nor a sane number; an
+#: integer of more than sys.get_int_max_str_digits() (4300) digits makes tomllib raise
+MAX_BARE_CHARS: Final = 4096
+
+_PART = r'(?:[A-Za-z0-9_-]++|"(?:[^"\\\n]|\\[^\n])*+"|\'[^\'\n]*+\')'
+#: what the pre-scan needs to see: a long dotted key, strings and comments (skipped whole,
+#: so nothing inside them counts), brackets, bare words, an unterminated quote
+_PRESCAN_RE: Final = re.compile(
+    rf"(?P<chain>{_PART}(?:[ \t]*+\.[ \t]*+{_PART}){{{MAX_KEY_PARTS},}})"
+    r'|"""(?:[^"\\]|\\.|"(?!""))*+"""(?:""|")?'
+    r"|'''(?:[^']|'(?!''))*+'''(?:''|')?"
+    r'|"(?:[^"\\\n]|\\[^\n])*+"'
+    r"|'[^'\n]*+'"
+    r"|#[^\n]*+"
+    r"|(?P<open>[\[{])|(?P<close>[\]}])"
+    r"|(?P<bare>[A-Za-z0-9_+.:-]++)"
+    r"|(?P<quote>[\"'])",
+    re.S,
+)
+
+
+def _prescan_toml(source: str, prefix: str, error: type[PolicyError]) -> None:
+    """Refuse what would make tomllib (or :func:`_index_source`) slow or crash, before it
+    runs: a key of more than MAX_KEY_PARTS parts, nesting deeper than MAX_TOML_DEPTH, a bare
+    word of more than MAX_BARE_CHARS characters. Raises: ``error`` naming the line."""
+    depth = 0
+    for m in _PRESCAN_RE.finditer(source):
+        problem = ""
+        if m.group("chain") is not None:
+            problem = f"a key of more than {MAX_KEY_PARTS} dotted parts"
+        elif m.group("open") is not None:
+            depth += 1
+            if depth > MAX_TOML_DEPTH:
+                problem = f"arrays or inline tables nested deeper than {MAX_TOML_DEPTH}"
+        elif m.group("close") is not None:
+            depth -= 1
+            if depth < 0:
+                return  # unbalanced: tomllib names the syntax error
+        elif m.group("bare") is not None:
+            if m.end() - m.start() > MAX_BARE_CHARS:
+                problem = f"a key or value of more than {MAX_BARE_CHARS} characters"
+        elif m.group("quote") is not None:
+            return  # an unterminated string: tomllib names the syntax error
+        if problem:
+            line = source.count("\n", 0, m.start()) + 1
+            raise error(f"{prefix}:{line}: {problem}")
+
+
+def _line_count(source: str) -> int:
+    """Lines as TOML counts them: only "\\n" ends one (str.splitlines also splits on
+    U+2028, U+0085, ..., which TOML allows in comments and strings)."""
+    return max(1, source.count("\n") + (0 if source.endswith("\n") else 1))
+
+
 def parse_toml(
     data: bytes, prefix: str, error: type[PolicyError] = PolicyError
 ) -> tuple[dict[str, Any], str]:
@@ -256,6 +318,7 @@ def parse_toml(
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise error(f"{prefix}:{line}: not UTF-8 (byte {e.start})") from None
+    _prescan_toml(source, prefix, error)
     try:
         return tomllib.loads(source), source
     except tomllib.TOMLDecodeError as e:
@@ -265,8 +328,10 @@ def parse_toml(
         if m.group("line"):
             line, where = int(m.group("line")), f" (column {m.group('col')})"
         else:
-            line, where = max(1, len(source.splitlines())), " (at end of file)"
+            line, where = _line_count(source), " (at end of file)"
         raise error(f"{prefix}:{line}: TOML syntax: {m.group('msg')}{where}") from None
+    except (ValueError, RecursionError) as e:  # pragma: no cover - _prescan_toml refuses these
+        raise error(f"{prefix}:1: not acceptable TOML: {str(e)[:80]}") from None
 
 
 def _split_key(dotted: str) -> tuple[str, ...]:
@@ -276,7 +341,10 @@ def _split_key(dotted: str) -> tuple[str, ...]:
         if text[0] in "\"'":
             text = text[1:-1]
             if m.group(0)[0] == '"' and "\\" in text:
-                text = text.encode("ascii", "backslashreplace").decode("unicode_escape")
+                # tomllib checked the escapes of real keys; this is a best effort for the
+                # line index, which a bad one must not crash (the key keeps its spelling)
+                with contextlib.suppress(UnicodeDecodeError):
+                    text = text.encode("ascii", "backslashreplace").decode("unicode_escape")
         parts.append(text)
     return tuple(parts)
 
@@ -345,7 +413,7 @@ def _index_source(source: str) -> tuple[dict[KeyPath, int], dict[KeyPath, int]]:
     grants = -1
     depth = 0
     mstring: str | None = None
-    for lineno, line in enumerate(source.splitlines(), 1):
+    for lineno, line in enumerate(source.split("\n"), 1):  # not splitlines: see _line_count
         if mstring is not None or depth > 0:
             depth, mstring = _scan_value(line, 0, depth, mstring)
             if mstring is None and depth <= 0 and open_value is not None:
@@ -425,7 +493,7 @@ class _Loader:
     def load(self) -> Policy:
         doc, source = parse_toml(self.data, f"policy {self.path}")
         self.index, self.ends = _index_source(source)
-        self.lines = source.splitlines()
+        self.lines = source.split("\n")
         self.unknown_keys((), doc, ("defaults", "grant"))
         defaults = Defaults()
         if "defaults" in doc:
@@ -585,14 +653,15 @@ class _Loader:
         if type(value) is not int:
             self.fail(path, f"must be an integer, not {_toml_type(value)}")
         if not low <= value <= high:
-            self.fail(path, f"{value} is outside {low}..{high}")
+            self.fail(path, f"{manifest.shown_number(value)} is outside {low}..{high}")
         return value
 
     def rate(self, path: KeyPath, value: Any) -> float:
         if type(value) not in (int, float):
             self.fail(path, f"must be a number, not {_toml_type(value)}")
-        if not (math.isfinite(value) and 0 < value <= MAX_RATE):
-            self.fail(path, f"{value} is outside (0, {MAX_RATE}]")
+        # compared as it is: float() of a 400-digit integer overflows; NaN fails every test
+        if not 0 < value <= MAX_RATE:
+            self.fail(path, f"{manifest.shown_number(value)} is outside (0, {MAX_RATE}]")
         return float(value)
 
     def strings(self, table: Mapping[str, Any], base: KeyPath, key: str) -> list[str]:

@@ -1,8 +1,11 @@
 """Semantic versions (semver.org 2.0.0) and the version ranges manifests use for dependencies.
 
 Ranges: ``*``; an exact ``1.2.3`` or ``=1.2.3``; ``^1.2.3`` (same major, or same minor
-below 1.0); ``~1.2.3`` (same minor); comparators ``>``, ``>=``, ``<``, ``<=`` joined by
-spaces (all must hold); alternatives joined by ``||``.
+below 1.0, or same patch below 0.1); ``~1.2.3`` (same minor); comparators ``>``, ``>=``,
+``<``, ``<=`` joined by spaces (all must hold; spaces only, not tabs or newlines);
+alternatives joined by ``||``. A pre-release of the next version is not the same major
+(minor): ``^1.2.3`` is ``>=1.2.3 <2.0.0-0``, so ``2.0.0-rc.1`` is outside it, and
+``~1.2.3`` is ``>=1.2.3 <1.3.0-0``.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ class Version:
         return s
 
 
-_COMPARATOR_RE = re.compile(r"^(>=|<=|>|<|=|\^|~)?(.+)$")
+_COMPARATOR_RE = re.compile(r"^(>=|<=|>|<|=|\^|~)?(.+)\Z")  # \Z: $ passes a final "\n"
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class Range:
             raise SemverError(f"not a version range: {text!r}")
         alts: list[tuple[tuple[str, Version], ...]] = []
         for alt in text.split("||"):
-            parts = alt.split()
+            parts = [p for p in alt.split(" ") if p]  # not split(): \n, \v, U+3000 ...
             if not parts:
                 raise SemverError(f"not a version range: {text!r}")
             conj: list[tuple[str, Version]] = []
@@ -120,17 +123,21 @@ class Range:
         return any(all(_holds(op, version, v) for op, v in conj) for conj in self.alternatives)
 
 
+#: the lowest pre-release: ``< X.0.0-0`` keeps out every pre-release of X.0.0 as well
+_LOWEST_PRE = ("0",)
+
+
 def _expand(op: str, v: Version) -> list[tuple[str, Version]]:
     if op == "^":
         if v.major > 0:
-            upper = Version(v.major + 1, 0, 0)
+            upper = Version(v.major + 1, 0, 0, _LOWEST_PRE)
         elif v.minor > 0:
-            upper = Version(0, v.minor + 1, 0)
+            upper = Version(0, v.minor + 1, 0, _LOWEST_PRE)
         else:
-            upper = Version(0, 0, v.patch + 1)
+            upper = Version(0, 0, v.patch + 1, _LOWEST_PRE)
         return [(">=", v), ("<", upper)]
     if op == "~":
-        return [(">=", v), ("<", Version(v.major, v.minor + 1, 0))]
+        return [(">=", v), ("<", Version(v.major, v.minor + 1, 0, _LOWEST_PRE))]
     return [(op, v)]
 
 

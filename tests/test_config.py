@@ -139,6 +139,10 @@ def test_backoff_doubles_and_caps() -> None:
             "at least backoff_base_s",
         ),
         ("control = 3\n", 1, "control", "must be a table"),
+        # float() of it overflows: compared as an integer, and not echoed whole
+        ("stop_timeout_s = " + "9" * 400, 1, "stop_timeout_s", "not 999999999999…(400 digits)"),
+        # \d matched Arabic-Indic digits and int() read them: port 80
+        ("[metrics]\nlisten = '127.0.0.1:\u0668\u0660'\n", 2, "metrics.listen", "ADDRESS:PORT"),
     ],
 )
 def test_bad_value_names_file_line_and_key(text: str, line: int, key: str, problem: str) -> None:
@@ -150,6 +154,36 @@ def test_bad_value_names_file_line_and_key(text: str, line: int, key: str, probl
 def test_syntax_error_names_line() -> None:
     message = refusal("a = 1\nb = = 2\n")
     assert message.startswith(f"config {WHERE}:2: TOML syntax"), message
+
+
+def test_only_newline_ends_a_line() -> None:
+    # U+2028 in a comment is no line break for TOML; str.splitlines() made '"\N" = 1' a key
+    assert parse('# x\u2028"\\N" = 1\n') == ServiceConfig(source=WHERE)
+    assert refusal("# a\u2029b\x85c\nlog_level = 'loud'\n").startswith(f"config {WHERE}:2: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (".".join(["a"] * 16_000) + " = 1", "a key of more than 8 dotted parts"),
+        ("[" + ".".join(["a"] * 16_000) + "]", "a key of more than 8 dotted parts"),
+        ("x = " + "[" * 500 + "]" * 500, "arrays or inline tables nested deeper than 32"),
+        ("max_plugins = " + "9" * 5000, "a key or value of more than 4096 characters"),
+    ],
+)
+def test_hostile_toml_is_refused_before_tomllib(text: str, problem: str) -> None:
+    assert refusal(f"log_level = 'info'\n{text}\n") == f"config {WHERE}:2: {problem}"
+
+
+def test_serve_check_refuses_hostile_toml_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('# x\u2028"\\N" = 1\nstop_timeout_s = ' + "9" * 400 + "\n")
+    assert cli.main(["serve", "--config", str(path), "--check"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"config {path}:2: stop_timeout_s: must be in [0.1, 600.0]" in err
 
 
 def test_not_utf8() -> None:

@@ -381,6 +381,14 @@ def test_limit_bounds_are_inclusive(key: str) -> None:
     refused(with_value(f"limits/{key}", high + 1), f"'limits.{key}' = {high + 1} is outside")
 
 
+def test_a_huge_limit_is_not_echoed_whole() -> None:
+    text = json.dumps(with_value("limits/pids", 123456789)).replace("123456789", "9" * 4000)
+    with pytest.raises(ManifestError) as info:
+        mf.parse_manifest(text.encode())
+    message = "manifest: 'limits.pids' = 999999999999…(4000 digits) is outside 1..1024"
+    assert str(info.value) == message
+
+
 @pytest.mark.parametrize("key", sorted(mf.LIMIT_BOUNDS))
 @pytest.mark.parametrize("value", [1.0, 16.5, "16", True, None, [16]])
 def test_limits_must_be_integers(key: str, value: Any) -> None:
@@ -421,6 +429,7 @@ def test_dependencies() -> None:
         ({"logger": "latest"}, "'dependencies.logger': not a"),
         ({"logger": "^1.0"}, "'dependencies.logger': not a"),
         ({"logger": ""}, "'dependencies.logger': not a version range"),
+        ({"logger": "^1.0.0\n>=1.0.0"}, "'dependencies.logger': not a version range"),
     ],
 )
 def test_invalid_dependencies(deps: Any, expect: str) -> None:

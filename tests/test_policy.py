@@ -254,6 +254,8 @@ BAD_DEFAULTS = [
         "defaults.kv",
         "unknown key (expected one of: rate_per_s, burst, kv_quota_bytes)",
     ),
+    # float() of it overflows: compared as an integer, and not echoed whole
+    ("rate_per_s = " + "9" * 400, "defaults.rate_per_s", "999999999999…(400 digits) is outside"),
 ]
 
 
@@ -356,6 +358,54 @@ def test_line_finder_ignores_strings_and_comments(tmp_path: Path) -> None:
         + "burst = 0\n"
     )
     assert error(tmp_path, text)[:2] == (9, "grant[1].burst")
+
+
+def test_only_newline_ends_a_line(tmp_path: Path) -> None:
+    # TOML allows U+2028 (and U+0085, U+2029) in a comment; str.splitlines() broke the line
+    # there, took '"\N" = 1' for a key and crashed decoding its escape
+    assert load(tmp_path, '# note\u2028"\\N" = 1\n' + HEAD).grants[0].plugin == "hello"
+    assert error(tmp_path, "# a\x85b\u2029c\n[defaults]\nburst = 0\n")[:2] == (3, "defaults.burst")
+    # a key whose escape does not decode is indexed under its spelling, not a crash
+    assert policy.index_key_lines('"\\N" = 1\n') == {("\\N",): 1}
+
+
+HOSTILE_TOML = [
+    # tomllib's cost grows with the square of a key's parts: 16000 took 5 s and 1 GB
+    (".".join(["a"] * 16_000) + " = 1", "a key of more than 8 dotted parts"),
+    (".".join(["a"] * 9) + " = 1", "a key of more than 8 dotted parts"),
+    ("a . \"b\" . 'c'.d.e.f.g.h.i = 1", "a key of more than 8 dotted parts"),
+    ("[" + ".".join(["a"] * 16_000) + "]", "a key of more than 8 dotted parts"),
+    ("[[" + ".".join(["a"] * 16_000) + "]]", "a key of more than 8 dotted parts"),
+    ("x = [{ " + ".".join(["a"] * 16_000) + " = 1 }]", "a key of more than 8 dotted parts"),
+    # RecursionError in tomllib
+    ("x = " + "[" * 500 + "]" * 500, "arrays or inline tables nested deeper than 32"),
+    ("x = " + "{a=" * 3000 + "1" + "}" * 3000, "arrays or inline tables nested deeper than 32"),
+    # ValueError: more digits than int() converts
+    ("burst = " + "9" * 5000, "a key or value of more than 4096 characters"),
+]
+
+
+@pytest.mark.parametrize(("text", "problem"), HOSTILE_TOML)
+def test_hostile_toml_is_refused_before_tomllib(tmp_path: Path, text: str, problem: str) -> None:
+    path = write(tmp_path, f"# operator policy\n[defaults]\n{text}\n")
+    with pytest.raises(PolicyError) as info:
+        Policy.load(path)
+    assert str(info.value) == f"policy {path}:3: {problem}"
+    assert info.value.exit_status == EXIT_BAD_INPUT
+
+
+def test_the_hostile_toml_check_skips_strings_and_comments(tmp_path: Path) -> None:
+    dots = ".".join(["a"] * 20)
+    deep = "[" * 40 + "{" * 40
+    text = (
+        f"# {dots} = 1 {deep}\n"
+        + HEAD
+        + f'config = {{ a = "{dots} = {deep}", b = \'{deep}\', c = """\n{dots} = 1\n""" }}\n'
+        + "[grant.limits]\npids = 2\n"
+    )
+    assert load(tmp_path, text).grants[0].config["a"] == f"{dots} = {deep}"
+    # eight parts are no hazard: the loader names the unknown key as before
+    assert error(tmp_path, ".".join(["a"] * 8) + " = 1\n")[:2] == (1, "a")
 
 
 def test_index_key_lines() -> None:

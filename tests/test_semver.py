@@ -144,10 +144,12 @@ def test_ordering_is_total_and_consistent(texts: list[str]) -> None:
         ("*", ["0.0.0", "1.2.3", "99.0.0"], []),
         ("1.2.3", ["1.2.3", "1.2.3+build"], ["1.2.4", "1.2.2", "1.2.3-rc.1"]),
         ("=1.2.3", ["1.2.3"], ["1.2.4"]),
-        ("^1.2.3", ["1.2.3", "1.2.9", "1.9.0"], ["1.2.2", "2.0.0", "0.9.0"]),
-        ("^0.2.3", ["0.2.3", "0.2.9"], ["0.3.0", "0.2.2", "1.0.0"]),
-        ("^0.0.3", ["0.0.3"], ["0.0.4", "0.0.2", "0.1.0"]),
-        ("~1.2.3", ["1.2.3", "1.2.99"], ["1.3.0", "1.2.2"]),
+        # a pre-release of the next major (minor, patch) is not the same major
+        ("^1.2.3", ["1.2.3", "1.2.9", "1.9.0"], ["1.2.2", "2.0.0", "0.9.0", "2.0.0-rc.1"]),
+        ("^1.2.3", ["1.9.9"], ["2.0.0-0", "2.0.0-alpha"]),
+        ("^0.2.3", ["0.2.3", "0.2.9"], ["0.3.0", "0.2.2", "1.0.0", "0.3.0-rc.1"]),
+        ("^0.0.3", ["0.0.3"], ["0.0.4", "0.0.2", "0.1.0", "0.0.4-beta"]),
+        ("~1.2.3", ["1.2.3", "1.2.99"], ["1.3.0", "1.2.2", "1.3.0-alpha"]),
         ("~0.0.1", ["0.0.1", "0.0.5"], ["0.1.0"]),
         (">1.0.0", ["1.0.1", "2.0.0"], ["1.0.0", "0.9.0"]),
         (">=1.0.0", ["1.0.0", "1.0.1"], ["0.9.9", "1.0.0-rc.1"]),
@@ -193,6 +195,19 @@ def test_ranges(spec: str, inside: list[str], outside: list[str]) -> None:
 def test_range_refuses(spec: str) -> None:
     with pytest.raises(SemverError):
         Range.parse(spec)
+
+
+@pytest.mark.parametrize("sep", ["\n", "\t", "\r", "\v", "\x1c", "\u3000", "\u2028", "\x85"])
+@pytest.mark.parametrize("spec", ["1.0.0{}", "^1.0.0{}>=1.0.0", ">=1.0.0{}<2.0.0"])
+def test_range_separates_comparators_with_spaces_only(spec: str, sep: str) -> None:
+    # str.split() took all of these for spaces ("1.0.0\n" was 1.0.0)
+    with pytest.raises(SemverError, match=r"^not a (version range|semantic version): ") as info:
+        Range.parse(spec.format(sep))
+    assert repr(sep)[1:-1] in str(info.value)
+
+
+def test_range_spaces_may_repeat() -> None:
+    assert Range.parse(" >=1.0.0   <2.0.0 ").satisfied_by(Version(1, 5, 0))
 
 
 @pytest.mark.parametrize("value", [None, 1, ["^1.0.0"]])

@@ -59,13 +59,35 @@ def test_parse_request_accepts_each_op() -> None:
         (b'{"op": "install"}', "exactly one of package_b64 and path"),
         (b'{"op": "install", "path": "/a", "package_b64": ""}', "exactly one"),
         (b'{"op": "call", "name": "x", "input": "a", "input_b64": "YQ=="}', "not both"),
-        (b"[" * 50_000 + b"]" * 50_000, "not valid JSON"),
+        (b"[" * 50_000 + b"]" * 50_000, "one flat JSON object"),
+        # which duplicate counts is a parser's choice: json.loads took the last ('evil')
+        (b'{"op":"start","name":"good","name":"evil"}', "gives the field 'name' twice"),
+        (b'{"op":"stop","op":"start","name":"a"}', "gives the field 'op' twice"),
+        (b'{"op":"ping","x":[{},{}]}', "one flat JSON object: a field is an array or object"),
+        (b'{"op":"ping","x":{"y":1}}', "one flat JSON object"),
+        (b'{"op":"ping",' + b"".join(b'"a%d":"",' % i for i in range(8)) + b'"b":1}', "16 strings"),
     ],
 )
 def test_parse_request_refusals(line: bytes, problem: str) -> None:
     with pytest.raises(control.RequestError, match=problem) as info:
         control.parse_request(line)
     assert info.value.exit_status == EXIT_BAD_INPUT
+
+
+def test_a_huge_request_is_refused_before_json_builds_it() -> None:
+    # 44 MB of "{}," made json.loads build 15 million dicts: 1.1 GB in the service
+    count = (control.MAX_REQUEST_BYTES - 64) // 3
+    line = b'{"op":"ping","x":[' + b"{}," * (count - 1) + b"{}]}"
+    assert len(line) <= control.MAX_REQUEST_BYTES
+    with pytest.raises(control.RequestError, match="one flat JSON object") as info:
+        control.parse_request(line)
+    assert info.value.exit_status == EXIT_BAD_INPUT
+
+
+def test_brackets_and_quotes_inside_strings_do_not_count() -> None:
+    text = '[{"x": [1]}] \\' + '"' * 40 + "{" * 40
+    req = control.parse_request(json.dumps({"op": "call", "name": "a", "input": text}).encode())
+    assert req.input_bytes() == text.encode()
 
 
 def test_call_input_bounds() -> None:
@@ -397,6 +419,24 @@ def test_artifacts_compile_once_and_refuse_what_they_did_not_make(tmp_path: Path
     # (A plugin host with a bad artifact compiles by itself instead: see the _module test.)
     again.remove_unused(set())
     assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[" * 100_000 + b"]" * 100_000 + b"\nxx",  # RecursionError in json.loads
+        '{"hmac":"\u00e9"}\nxx'.encode(),  # compare_digest: TypeError on non-ASCII text
+        b'{"hmac":"' + b"\xc3\xa9" * 32 + b'"}\nxx',
+        b'{"hmac":"' + b"A" * 64 + b'"}\nxx',  # hexdigest() is lower case
+        b'{"hmac":1}\nxx',
+        b'{"hmac":"00","v":' + b"9" * 5000 + b"}\nxx",
+        b"\xff\nxx",
+    ],
+)
+def test_artifact_decode_returns_none_for_what_it_cannot_use(data: bytes) -> None:
+    from forgeone_isolate import artifacts
+
+    assert artifacts.decode(bytes(32), data, "0" * 64) is None
 
 
 def test_warm_up_runs_without_side_effects(tmp_path: Path) -> None:
