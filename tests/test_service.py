@@ -147,6 +147,17 @@ class Service:
         assert wait_for(self.answers, 30.0), self.log_text()
         return self
 
+    def serve_refused(self) -> subprocess.CompletedProcess[str]:
+        """Run ``serve`` with this config in the foreground: for one that must not start."""
+        return subprocess.run(
+            [sys.executable, "-m", "forgeone_isolate", "serve", "--config", str(self.config)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+
     @property
     def pid(self) -> int:
         assert self.proc is not None
@@ -1073,14 +1084,7 @@ def test_a_second_service_on_the_same_state_dir_is_refused_and_kills_nothing(
         other.config.write_text(
             other.config.read_text().replace(str(other.state), str(first.state))
         )
-        proc = subprocess.run(
-            [sys.executable, "-m", "forgeone_isolate", "serve", "--config", str(other.config)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
-        )
+        proc = other.serve_refused()
         assert proc.returncode == EXIT_PLUGIN_FAILED, proc.stderr
         assert f"state directory {first.state}: another service is using it" in proc.stderr
         assert not other.socket.exists()
@@ -1133,14 +1137,7 @@ def test_a_second_service_on_the_same_socket_is_refused(
 ) -> None:
     other = fresh()
     other.config.write_text(other.config.read_text().replace(str(other.socket), str(svc.socket)))
-    proc = subprocess.run(
-        [sys.executable, "-m", "forgeone_isolate", "serve", "--config", str(other.config)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    proc = other.serve_refused()
     assert proc.returncode == EXIT_PLUGIN_FAILED
     assert "another service is listening there" in proc.stderr
     assert svc.request("ping")["pid"] == svc.pid
