@@ -719,6 +719,12 @@ class Effective:
 
     fs_read: tuple[str, ...] = ()
     fs_write: tuple[str, ...] = ()
+    #: the operator's granted roots that hold ``fs_read`` / ``fs_write``: files are opened
+    #: beneath these, so that the manifest's part of a path is resolved as strictly as the
+    #: plugin's (a symlink there, or a mount, is refused, not followed). Empty: the
+    #: ``fs_*`` roots are the operator's own (an Effective made by hand, in tests).
+    fs_read_grants: tuple[str, ...] = ()
+    fs_write_grants: tuple[str, ...] = ()
     net_connect: frozenset[tuple[str, int]] = frozenset()
     net_allow_networks: tuple[IPNetwork, ...] = ()
     kv: bool = False
@@ -759,9 +765,13 @@ def effective(
         norm = normalize_host(host)
         if norm is not None and (norm, port) in grant.net_connect:
             net.add((norm, port))
+    fs_read = _granted_paths(requested.fs_read, grant.fs_read)
+    fs_write = _granted_paths(requested.fs_write, grant.fs_write)
     return Effective(
-        fs_read=_granted_paths(requested.fs_read, grant.fs_read),
-        fs_write=_granted_paths(requested.fs_write, grant.fs_write),
+        fs_read=fs_read,
+        fs_write=fs_write,
+        fs_read_grants=_holding_roots(fs_read, grant.fs_read),
+        fs_write_grants=_holding_roots(fs_write, grant.fs_write),
         net_connect=frozenset(net),
         net_allow_networks=grant.net_allow_networks if net else (),
         kv=requested.kv and grant.kv,
@@ -783,12 +793,18 @@ def _granted_paths(requested: Iterable[str], roots: tuple[str, ...]) -> tuple[st
     )
 
 
+def _holding_roots(paths: Iterable[str], roots: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(r for r in roots if any(relative_to(p, r) is not None for p in paths))
+
+
 def effective_to_wire(eff: Effective) -> dict[str, Any]:
     """``eff`` whole, config values included, as JSON for a process of ours (the service
     sends a plugin host its plan); :func:`effective_from_wire` reads it back."""
     return {
         "fs_read": list(eff.fs_read),
         "fs_write": list(eff.fs_write),
+        "fs_read_grants": list(eff.fs_read_grants),
+        "fs_write_grants": list(eff.fs_write_grants),
         "net_connect": sorted([h, p] for h, p in eff.net_connect),
         "net_allow_networks": [str(n) for n in eff.net_allow_networks],
         "kv": eff.kv,
@@ -849,6 +865,8 @@ def effective_from_wire(d: Any) -> Effective:
     return Effective(
         fs_read=strings("fs_read"),
         fs_write=strings("fs_write"),
+        fs_read_grants=strings("fs_read_grants"),
+        fs_write_grants=strings("fs_write_grants"),
         net_connect=frozenset((h, p) for h, p in pairs),
         net_allow_networks=networks,
         kv=kv,
@@ -930,11 +948,14 @@ def relative_to(path: str, root: str) -> str | None:
 def check_fs(eff: Effective, path: str, write: bool) -> tuple[Decision, str | None, str | None]:
     """May the plugin open ``path`` (for writing when ``write``)?
 
-    Returns (decision, root, relative): on allow, the most specific granted root holding the
-    path and the path relative to it (never empty: ``"."`` is the root itself), for the
-    broker's ``openat2(root_fd, relative, RESOLVE_BENEATH | ...)``; on deny, (decision, None,
-    None). The path must already be absolute and normalised: no ``..``, ``.``, ``//``,
-    trailing ``/``, NUL, nor more than 4096 bytes.
+    Returns (decision, root, relative): on allow, the operator's granted root holding the
+    path (the most specific) and the path relative to it (never empty: ``"."`` is the root
+    itself), for the broker's ``openat2(root_fd, relative, RESOLVE_BENEATH | ...)``: the
+    part of the path the manifest chose is resolved beneath the operator's root like the
+    rest, so a symlink or a mount in it is refused, not followed. The manifest's own root
+    decides whether the path is allowed at all. On deny, (decision, None, None). The path
+    must already be absolute and normalised: no ``..``, ``.``, ``//``, trailing ``/``, NUL,
+    nor more than 4096 bytes.
     """
     mode = "write" if write else "read"
     problem = path_problem(path)
@@ -948,7 +969,14 @@ def check_fs(eff: Effective, path: str, write: bool) -> tuple[Decision, str | No
     if best is None:
         return _deny(f"fs {mode}: {_show(path)} is not under a granted {mode} root"), None, None
     root, rel = best
-    return _allow(f"fs {mode}: under granted root {root}"), root, rel
+    # Opened from the operator's root holding the manifest's (the most specific one).
+    holding = [
+        (g, r)
+        for g in (eff.fs_write_grants if write else eff.fs_read_grants)
+        if relative_to(root, g) is not None and (r := relative_to(path, g)) is not None
+    ]
+    opened_from, rel = max(holding, key=lambda gr: len(gr[0]), default=(root, rel))
+    return _allow(f"fs {mode}: under granted root {root}"), opened_from, rel
 
 
 def _is_ip(host: str) -> bool:

@@ -599,6 +599,34 @@ def test_fs_symlink_inside_pointing_out_eloop(fs_rig: Rig, tree: Tree) -> None:
     assert fs_rig.read_file(str(tree.root / "magic" / "secret.txt")) == ELOOP
 
 
+def test_fs_a_symlink_in_the_manifests_part_of_a_root_is_not_followed(
+    make_rig: RigFactory, tree: Tree
+) -> None:
+    """The operator grants a directory; the manifest (the plugin author's) asks for a path
+    under it that passes through a symlink out of it. The file is opened beneath the
+    operator's root, so that symlink is refused like any other, reading and writing."""
+    (tree.root / "current").symlink_to("..")  # data/current -> fs/, which holds outside/
+    (tree.out / "current").symlink_to(tree.outside)
+    grant = policy.Grant(
+        signer=SIGNER, plugin="unit", fs_read=(str(tree.root),), fs_write=(str(tree.out),)
+    )
+    asked = policy.manifest.Permissions(
+        fs_read=(str(tree.root / "current" / "outside"),),
+        fs_write=(str(tree.out / "current"),),
+    )
+    eff = policy.effective(asked, grant, policy.Defaults())
+    assert eff.fs_read == (str(tree.root / "current" / "outside"),)  # its roots are granted
+    assert eff.fs_read_grants == (str(tree.root),)
+    fields = {
+        f: getattr(eff, f) for f in ("fs_read", "fs_write", "fs_read_grants", "fs_write_grants")
+    }
+    rig = make_rig(**fields)
+    assert rig.read_file(str(tree.root / "current" / "outside" / "secret.txt")) == ELOOP
+    assert rig.fs_open(str(tree.out / "current" / "planted.txt"), 2).result == ELOOP
+    assert not (tree.outside / "planted.txt").exists()
+    assert tree.secret.read_bytes() == SECRET
+
+
 def test_fs_symlink_pointing_inside_is_refused_too(fs_rig: Rig, tree: Tree) -> None:
     (tree.root / "alias").symlink_to("a.txt")
     assert fs_rig.read_file(str(tree.root / "alias")) == ELOOP
