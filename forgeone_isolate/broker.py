@@ -19,6 +19,7 @@ import errno
 import ipaddress
 import os
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -265,16 +266,18 @@ class Broker:
             return abi.EPERM, b"", None, args, decision.reason
         if self._kv is None:
             return abi.EIO, b"", None, args, "no kv store configured"
-        if isinstance(body, p.KvGet):
-            value = self._kv.get(self.identity.owner, body.key)
-            if value is None:
-                return abi.ENOENT, b"", None, args, "no such key"
-            return len(value), value[: body.buflen], None, args, "allowed"
-        args["value"] = summarize(body.value)
         try:
+            if isinstance(body, p.KvGet):
+                value = self._kv.get(self.identity.owner, body.key)
+                if value is None:
+                    return abi.ENOENT, b"", None, args, "no such key"
+                return len(value), value[: body.buflen], None, args, "allowed"
+            args["value"] = summarize(body.value)
             self._kv.set(self.identity.owner, body.key, body.value, self.effective.kv_quota_bytes)
         except QuotaExceeded as e:
             return EDQUOT, b"", None, args, str(e)
+        except sqlite3.Error as e:  # (locked past its timeout, a full disk): this call fails
+            return abi.EIO, b"", None, args, f"kv store: {str(e)[:120]}"
         return 0, b"", None, args, "allowed"
 
     def _fs_open(self, body: p.FsOpen) -> tuple[int, bytes, int | None, dict[str, Any], str]:

@@ -16,6 +16,7 @@ import ipaddress
 import json
 import os
 import socket
+import sqlite3
 import stat
 import struct
 import subprocess
@@ -45,7 +46,7 @@ from forgeone_isolate.broker import (
     Reply,
 )
 from forgeone_isolate.errors import BrokerProtocolError
-from forgeone_isolate.kvstore import KvStore
+from forgeone_isolate.kvstore import KEY_COST, KvStore
 from forgeone_isolate.policy import Effective
 
 SIGNER = "ab" * 32
@@ -415,15 +416,68 @@ def test_kv_set_get_missing_and_truncated(make_rig: RigFactory, tmp_path: Path) 
 
 
 def test_kv_quota_edquot(make_rig: RigFactory, tmp_path: Path) -> None:
-    rig = make_rig(kv_path=tmp_path / "kv.sqlite3", kv=True, kv_quota_bytes=100)
-    assert rig.kv_set(b"k", b"v" * 90).result == 0  # 91 bytes
-    assert rig.kv_set(b"k2", b"v" * 10).result == EDQUOT  # 91 + 12 > 100
+    quota = 100 + KEY_COST  # one key's overhead: then the sums below are of keys and values
+    rig = make_rig(kv_path=tmp_path / "kv.sqlite3", kv=True, kv_quota_bytes=quota)
+    assert rig.kv_set(b"k", b"v" * 90).result == 0  # 91 bytes + a key's cost
+    assert rig.kv_set(b"k2", b"v" * 10).result == EDQUOT  # 91 + 12 + two keys' cost
     assert EDQUOT == -122
     assert_denial_audited(rig, "kv_set", "quota")
     assert rig.kv_get(b"k2").result == ENOENT
     assert rig.kv_set(b"k", b"w" * 99).result == 0  # a replacement counts once: 100
     assert rig.kv_set(b"k", b"w" * 100).result == EDQUOT
     assert rig.kv_get(b"k").data == b"w" * 99
+
+
+def test_kv_many_small_keys_pay_for_their_rows(make_rig: RigFactory, tmp_path: Path) -> None:
+    """Each key costs KEY_COST besides its bytes: a quota of 1 MiB holds about 16 thousand
+    one-byte keys, not a million (which took 30 MiB of database)."""
+    quota = 10 * (KEY_COST + 2)
+    rig = make_rig(kv_path=tmp_path / "kv.sqlite3", kv=True, kv_quota_bytes=quota)
+    results = [rig.kv_set(bytes([i]), b"v").result for i in range(11)]
+    assert results == [0] * 10 + [EDQUOT]
+
+
+def test_kv_usage_is_kept_not_summed(tmp_path: Path) -> None:
+    """What an owner holds is a row updated with each set (no sum over its rows inside the
+    write transaction every plugin shares), and it stays right across replacements, other
+    owners and a reopened store."""
+    store = KvStore(tmp_path / "kv.sqlite3")
+    for i in range(50):
+        store.set("a/one", b"key%d" % i, b"x" * i, 10**9)
+    store.set("a/one", b"key7", b"y", 10**9)  # replaced: 7 bytes become 1
+    store.set("b/two", b"k", b"zz", 10**9)
+    expected = sum(len(b"key%d" % i) + i + KEY_COST for i in range(50)) - 6
+    assert store.used("a/one") == expected
+    store.close()
+    again = KvStore(tmp_path / "kv.sqlite3")
+    assert again.used("a/one") == expected
+    assert again.used("b/two") == 1 + 2 + KEY_COST
+    plan = " ".join(
+        str(r)
+        for r in again._db.execute(
+            "EXPLAIN QUERY PLAN SELECT bytes FROM kv_usage WHERE owner=?", ("a/one",)
+        )
+    )
+    assert "SEARCH" in plan, plan  # one row by its key, whatever the owner holds
+    again.close()
+
+
+def test_kv_store_busy_is_an_error_for_the_call_not_the_plugin(
+    make_rig: RigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another plugin holding the shared database past the busy timeout: this call gets
+    EIO (audited); the broker goes on."""
+    rig = make_rig(kv_path=tmp_path / "kv.sqlite3", kv=True)
+
+    def locked(*_a: object) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(KvStore, "set", locked)
+    monkeypatch.setattr(KvStore, "get", locked)
+    assert rig.kv_set(b"k", b"v").result == -errno.EIO
+    assert_denial_audited(rig, "kv_set", "database is locked")
+    assert rig.kv_get(b"k").result == -errno.EIO
+    assert rig.log(2, b"still serving").result == 0
 
 
 def test_kv_zero_quota(make_rig: RigFactory, tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ from forgeone_isolate import protocol as p
 from forgeone_isolate.audit import AuditLog, verify
 from forgeone_isolate.broker import MAX_RATE_DENIALS, MAX_VIOLATIONS
 from forgeone_isolate.errors import SetupError
-from forgeone_isolate.kvstore import KvStore
+from forgeone_isolate.kvstore import KEY_COST, KvStore
 from forgeone_isolate.launch import MAX_KEPT_LOGS, LaunchResult, run_plan
 from forgeone_isolate.plan import build_plan
 from forgeone_isolate.uidpool import UidLease, default_lease_dir, lease_uid
@@ -708,7 +708,7 @@ def test_kv_persists_across_launches_and_is_per_plugin(launcher: Launcher) -> No
         return g.wat()
 
     perms = {"kv": True}
-    grant = {"kv": True, "kv_quota_bytes": 64}
+    grant = {"kv": True, "kv_quota_bytes": 64 + KEY_COST}  # one small key, not "huge"
     first = launcher.run("kvone", guest(b"first"), perms, grant)
     assert first.result.status == "ok", first.result.reason
     assert first.results == {"get": -2, "set": 0, "big": -122}
