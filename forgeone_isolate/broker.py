@@ -36,7 +36,11 @@ MAX_VIOLATIONS = 16
 MAX_RATE_DENIALS = 10_000
 MAX_KEPT_LOGS = 1000
 MAX_OUTPUT = 1024 * 1024
+#: one net_connect's whole budget, over every address its name resolved to
 CONNECT_TIMEOUT_S = 5.0
+#: addresses tried per net_connect (a name the plugin's author answers for could resolve
+#: to hundreds of silent ones; each would block the plugin's supervisor until its timeout)
+MAX_CONNECT_ADDRESSES = 4
 EAGAIN = -errno.EAGAIN
 #: at most one audit record per this many seconds for rate-limited calls (a flood)
 RATE_AUDIT_INTERVAL_S = 1.0
@@ -325,23 +329,28 @@ class Broker:
         if not decision.allowed or not addresses:
             return abi.EPERM, b"", None, args, decision.reason or "resolved to nothing"
         last = errno.ECONNREFUSED
-        for addr in addresses:  # connect to the very addresses that were checked
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S  # for the call, not per address
+        for addr in addresses[:MAX_CONNECT_ADDRESSES]:  # the very addresses checked
+            left = deadline - time.monotonic()
+            if left <= 0:
+                last = errno.ETIMEDOUT
+                break
             try:
-                fd = self._connect(addr, body.port)
+                fd = self._connect(addr, body.port, left)
             except OSError as e:
                 last = e.errno or errno.ECONNREFUSED
                 continue
             return 0, b"", fd, args, f"connected to {addr}"
         return -last, b"", None, args, f"connect failed: {errno.errorcode.get(last, last)}"
 
-    def _connect(self, addr: str, port: int) -> int:
+    def _connect(self, addr: str, port: int, timeout: float) -> int:
         """A connected TCP descriptor: in the plugin's own network namespace when it has
         one (``connector``), else in the host's."""
         if self.connector is not None:
-            return self.connector(addr, port, CONNECT_TIMEOUT_S)
+            return self.connector(addr, port, timeout)
         family = socket.AF_INET6 if ":" in addr else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(CONNECT_TIMEOUT_S)
+        sock.settimeout(timeout)
         try:
             sock.connect((addr, port))
         except BaseException:

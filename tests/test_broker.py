@@ -33,6 +33,7 @@ from helpers import deadline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from forgeone_isolate import broker as broker_mod
 from forgeone_isolate import fsaccess, policy
 from forgeone_isolate import protocol as p
 from forgeone_isolate._sys import libc
@@ -1044,6 +1045,42 @@ def test_net_connect_refused(make_rig: RigFactory) -> None:
     rig = _net_rig(make_rig, port, ["127.0.0.1"])
     assert rig.net_connect("svc.test", port).result == ECONNREFUSED
     assert_denial_audited(rig, "net_connect", "connect failed")
+
+
+def test_net_connect_has_one_budget_for_all_its_addresses(
+    make_rig: RigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name resolving to many silent addresses: at most MAX_CONNECT_ADDRESSES are tried,
+    each with what is left of the call's one CONNECT_TIMEOUT_S, so the plugin's supervisor
+    is never blocked longer than that by one call (it was 5 s per address)."""
+    monkeypatch.setattr(broker_mod, "CONNECT_TIMEOUT_S", 0.6)
+    answers = [f"127.0.0.{i}" for i in range(2, 40)]
+    rig = _net_rig(make_rig, 9, answers)
+    tried: list[tuple[str, float]] = []
+
+    def silent(addr: str, port: int, timeout: float) -> int:
+        tried.append((addr, timeout))
+        time.sleep(min(timeout, 0.25))  # a blackhole: the whole timeout, or 0.25 s here
+        raise TimeoutError(errno.ETIMEDOUT, "timed out")
+
+    rig.broker.connector = silent
+    started = time.monotonic()
+    assert rig.net_connect("svc.test", 9).result == -errno.ETIMEDOUT
+    assert time.monotonic() - started < 0.6 + 0.2
+    assert [a for a, _ in tried] == answers[: len(tried)]
+    assert 1 <= len(tried) <= broker_mod.MAX_CONNECT_ADDRESSES
+    assert all(0 < t <= 0.6 for _, t in tried)
+    assert [t for _, t in tried] == sorted((t for _, t in tried), reverse=True)
+    many = _net_rig(make_rig, 9, answers)
+    refused: list[str] = []
+
+    def refusing(addr: str, port: int, timeout: float) -> int:
+        refused.append(addr)
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+
+    many.broker.connector = refusing
+    assert many.net_connect("svc.test", 9).result == ECONNREFUSED
+    assert refused == answers[: broker_mod.MAX_CONNECT_ADDRESSES]
 
 
 @pytest.mark.parametrize("port", [0, -1, 65536, 2**31 - 1, -(2**31)])
