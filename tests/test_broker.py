@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import itertools
 import json
 import os
 import socket
@@ -1064,13 +1065,12 @@ def test_net_connect_has_one_budget_for_all_its_addresses(
         raise TimeoutError(errno.ETIMEDOUT, "timed out")
 
     rig.broker.connector = silent
-    started = time.monotonic()
     assert rig.net_connect("svc.test", 9).result == -errno.ETIMEDOUT
-    assert time.monotonic() - started < 0.6 + 0.2
     assert [a for a, _ in tried] == answers[: len(tried)]
     assert 1 <= len(tried) <= broker_mod.MAX_CONNECT_ADDRESSES
+    # each attempt gets what is left of the one budget: together they never exceed it
     assert all(0 < t <= 0.6 for _, t in tried)
-    assert [t for _, t in tried] == sorted((t for _, t in tried), reverse=True)
+    assert all(later <= earlier - 0.2 for (_, earlier), (_, later) in itertools.pairwise(tried))
     many = _net_rig(make_rig, 9, answers)
     refused: list[str] = []
 
