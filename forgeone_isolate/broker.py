@@ -164,7 +164,12 @@ class Broker:
         try:
             req = p.decode_request(frame)
         except p.UnknownOpError as e:
-            self._deny_raw(f"op{e.op}", "unknown call: -ENOSYS", started)
+            # (answered, for a newer guest's sake, but within the rate: each denial's audit
+            # record is written durably, and this costs the child nothing to send)
+            if self._limiter.allow():
+                self._deny_raw(f"op{e.op}", "unknown call: -ENOSYS", started)
+            else:
+                self._rate_limited(f"op{e.op}", started)
             return Reply(p.encode_reply_raw(e.op, e.seq, abi.ENOSYS))
         except BrokerProtocolError as e:
             self.stats.violations += 1
@@ -188,18 +193,7 @@ class Broker:
             self.last_result = (body.code, body.kind)
             return None  # answered by answer_idle() when the parent has a command
         if not self._limiter.allow():
-            self.stats.rate_denied += 1
-            self.stats.denied += 1
-            now = self._clock()
-            if now - self._rate_audited_at >= RATE_AUDIT_INTERVAL_S:
-                self._rate_audited_at = now
-                self._record(
-                    req.op,
-                    {},
-                    False,
-                    "rate limit exceeded (denials in the next second counted, not logged)",
-                    started,
-                )
+            self._rate_limited(p.OP_NAMES[req.op], started)
             return Reply(p.encode_reply(req.op, req.seq, EAGAIN))
         result, data, fd, args, reason = self._dispatch(body)
         allowed = result >= 0
@@ -371,6 +365,16 @@ class Broker:
 
     def _count(self, name: str) -> None:
         self.stats.by_op[name] = self.stats.by_op.get(name, 0) + 1
+
+    def _rate_limited(self, op: str, started: int) -> None:
+        """A call over the rate: counted; audited at most once per RATE_AUDIT_INTERVAL_S."""
+        self.stats.rate_denied += 1
+        self.stats.denied += 1
+        now = self._clock()
+        if now - self._rate_audited_at >= RATE_AUDIT_INTERVAL_S:
+            self._rate_audited_at = now
+            reason = "rate limit exceeded (denials in the next second counted, not logged)"
+            self._write_audit(op, {}, False, reason, started)
 
     def _deny_raw(self, op: str, reason: str, started: int) -> None:
         self.stats.denied += 1

@@ -1171,6 +1171,22 @@ def test_unknown_op_is_answered_enosys_and_audited(make_rig: RigFactory, op: int
     assert [r["reason"] for r in rig.records()] == ["unknown call: -ENOSYS"]
 
 
+def test_unknown_ops_are_within_the_rate(make_rig: RigFactory) -> None:
+    """A flood of unknown ops (each an fsync'd denial record) is rate-limited like any call:
+    every one is answered -ENOSYS, only the first is audited in full."""
+    clock = FakeClock()
+    rig = make_rig(clock=clock, rate_per_s=1.0, burst=1)
+    for seq in range(50):
+        reply = rig.raw(bytes([1, 0xFF, 0, 0, 0, seq]))
+        assert reply is not None
+        assert struct.unpack_from("!q", reply.frame, 6)[0] == -38
+    assert rig.broker.stats.rate_denied == 49
+    reasons = [r["reason"] for r in rig.records()]
+    assert reasons[0] == "unknown call: -ENOSYS"
+    assert len(reasons) == 2, reasons
+    assert reasons[1].startswith("rate limit exceeded"), reasons
+
+
 @pytest.mark.parametrize(
     "frame",
     [
