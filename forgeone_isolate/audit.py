@@ -271,21 +271,14 @@ def verify(path: Path) -> VerifyResult:
 
     Detects an edited line (its ``hash``, its canonical form, or the next line's ``prev``),
     a deleted or reordered line (``seq`` and ``prev``), a truncated last line (no newline),
-    a line that is not JSON, and a broken ``seq``.
+    a line that is not JSON (or nested too deeply to check), and a broken ``seq``.
 
-    Raises: OSError when the file cannot be read.
+    Raises: OSError when the file cannot be read, is a symbolic link (never followed, as
+    :class:`AuditLog` never follows one) or is not a regular file.
     """
     prev = ZERO_HASH
     n = 0
-    # O_NONBLOCK: a FIFO must not hang `audit verify`; the fstat refuses it next.
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-    except OSError:
-        os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as f:
+    with os.fdopen(_open_for_verify(path), "rb") as f:
         while True:
             raw = f.readline(MAX_LINE_BYTES + 1)
             if not raw:
@@ -296,6 +289,30 @@ def verify(path: Path) -> VerifyResult:
                 return VerifyResult(False, n - 1, n, bad)
             prev = _sha256(raw[:-1])
     return VerifyResult(True, n, None, f"{n} records, hash chain intact")
+
+
+def _open_for_verify(path: Path) -> int:
+    """A read-only descriptor on the regular file at ``path``, the link itself not followed.
+
+    Raises: OSError, with a plain reason for a symbolic link or a non-regular file.
+    """
+    # O_NOFOLLOW: the same file AuditLog would open, not one a link points at.
+    # O_NONBLOCK: a FIFO must not hang `audit verify`; the fstat refuses it next.
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        # ELOOP also means a loop among the directories; only a final link gets this reason.
+        if e.errno == errno.ELOOP and os.path.islink(path):
+            raise OSError(errno.ELOOP, "a symbolic link (not followed)") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _check_line(raw: bytes, n: int, prev: str) -> str | None:
@@ -315,13 +332,16 @@ def _check_line(raw: bytes, n: int, prev: str) -> str | None:
     seq, line_prev, digest = obj.get("seq"), obj.get("prev"), obj.get("hash")
     if type(seq) is not int or not isinstance(line_prev, str) or not isinstance(digest, str):
         return "missing seq, prev or hash"
+    body = {k: v for k, v in obj.items() if k != "hash"}
     try:
         if canonical(obj) != line:
             return "not in canonical form (edited)"
+        body_digest = _sha256(canonical(body))
     except ValueError:
         return "not in canonical form (edited)"
-    body = {k: v for k, v in obj.items() if k != "hash"}
-    if _sha256(canonical(body)) != digest:
+    except RecursionError:  # json.loads took it, but re-encoding it goes deeper
+        return "nested too deeply to check (edited)"
+    if body_digest != digest:
         return "hash does not match the record (edited)"
     if seq != n:
         return f"seq is {seq}, expected {n} (a line was deleted, inserted or moved)"

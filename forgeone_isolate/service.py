@@ -80,6 +80,16 @@ CALL_GRACE_S: Final = 5.0
 #: after a SIGTERM to a plugin host (the graceful stop took too long), before SIGKILL
 TERM_GRACE_S: Final = 3.0
 CONNECTION_IDLE_S: Final = 600.0
+#: connections only root may take once max_connections are in use: a group member (or a
+#: script of one) holding every slot must not lock root out of its own service
+ROOT_RESERVED_CONNECTIONS: Final = 4
+#: the metrics endpoint: clients served at once (more are turned away), and how long one
+#: may take to send its request or read the answer
+METRICS_MAX_CLIENTS: Final = 8
+METRICS_IO_TIMEOUT_S: Final = 5.0
+#: how long a rendered metrics page is served again (each costs a database read and a
+#: cgroup read per plugin; anyone on the host may ask)
+METRICS_CACHE_S: Final = 1.0
 SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)  # <asm-generic/socket.h>
 
 
@@ -412,6 +422,8 @@ class Service:
         self.metrics_server: ThreadingHTTPServer | None = None
         self._state_lock_fd = -1
         self._launching = 0  # _launch calls between their stopping check and their instance
+        self._metrics_lock = threading.Lock()
+        self._metrics_cache: tuple[float, str] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -1533,12 +1545,18 @@ class Service:
                 "records": [],
                 "verify": {"ok": True, "records": 0, "reason": "no audit log yet"},
             }
-        result = audit.verify(path)
+        try:
+            result = audit.verify(path)
+            tail = _tail_lines(path, n, audit.MAX_LINE_BYTES)
+        except OSError as e:  # (a symlink in its place, say: not followed)
+            raise OpError(f"{name}: audit log {path}: {e.strerror or e}") from None
         records: list[Any] = []
-        for line in _tail_lines(path, n):
+        for line in tail:
             try:
+                if len(line) > audit.MAX_LINE_BYTES:
+                    raise ValueError("longer than any record")
                 records.append(json.loads(line))
-            except ValueError:
+            except (ValueError, RecursionError):
                 records.append({"unparsable": line[:200].decode("utf-8", "replace")})
         return {
             "path": str(path),
@@ -1600,8 +1618,21 @@ class Service:
         """Every installed plugin with its state, pid, uptime, limits and usage."""
         return {"plugins": [self.describe(r.name) for r in self._reg().all()]}
 
-    def metrics_text(self) -> str:
-        """Prometheus text: accumulated per-plugin counters and live gauges."""
+    def metrics_text(self, cached: bool = False) -> str:
+        """Prometheus text: accumulated per-plugin counters and live gauges. ``cached``
+        (the HTTP endpoint, open to anyone on the host): rendered at most once per
+        METRICS_CACHE_S."""
+        if not cached:
+            return self._render_metrics()
+        with self._metrics_lock:
+            last = self._metrics_cache
+            if last is not None and time.monotonic() - last[0] < METRICS_CACHE_S:
+                return last[1]
+            text = self._render_metrics()
+            self._metrics_cache = (time.monotonic(), text)
+            return text
+
+    def _render_metrics(self) -> str:
         from forgeone_isolate.metrics import MetricsStore, exposition
 
         rows: list[dict[str, Any]] = []
@@ -1638,22 +1669,35 @@ class Service:
         return text
 
 
-def _tail_lines(path: Path, n: int, chunk: int = 64 * 1024) -> list[bytes]:
-    """The last ``n`` lines of a file, read from its end."""
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        end = f.tell()
-        data = b""
-        pos = end
-        while pos > 0 and data.count(b"\n") <= n:
+def _tail_lines(path: Path, n: int, max_line: int, chunk: int = 64 * 1024) -> list[bytes]:
+    """The last ``n`` lines of a file, read backwards from its end, never through a symlink.
+
+    Whatever the file holds (a line with no end, gigabytes of zeros), at most about
+    ``n * (max_line + 1)`` bytes are read, and each line returned is at most ``max_line``
+    bytes (a longer one is cut: no record of ours is that long).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path}: not a regular file")
+        end = pos = f.seek(0, os.SEEK_END)
+        budget = n * (max_line + 1) + chunk
+        pieces: list[bytes] = []
+        newlines = 0
+        while pos > 0 and newlines <= n and end - pos < budget:
             step = min(chunk, pos)
             pos -= step
             f.seek(pos)
-            data = f.read(step) + data
-    lines = data.splitlines()
-    if pos > 0 and lines:
-        lines = lines[1:]  # the first one may be cut
-    return lines[-n:]
+            piece = f.read(step)
+            pieces.append(piece)
+            newlines += piece.count(b"\n")
+    data = b"".join(reversed(pieces))
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the file's last newline ends the last line
+    if pos > 0 and len(lines) > 1:
+        lines = lines[1:]  # the first one may be cut (unless it is all there is: shown cut)
+    return [line[: max_line + 1] for line in lines[-n:]]
 
 
 def _own_cgroups() -> set[str]:
@@ -1682,6 +1726,7 @@ class ControlServer:
         self.path = path
         self.gid = gid
         self.slots = threading.BoundedSemaphore(max_connections)
+        self.root_slots = threading.BoundedSemaphore(ROOT_RESERVED_CONNECTIONS)
         self.sock: socket.socket | None = None
         self._closed = False
         self._conns: set[socket.socket] = set()
@@ -1737,15 +1782,28 @@ class ControlServer:
                     return
                 time.sleep(0.05)
                 continue
-            if not self.slots.acquire(blocking=False):
+            slot = self._take_slot(conn)
+            if slot is None:
                 with contextlib.suppress(OSError):
                     conn.settimeout(1.0)
                     conn.sendall(control.error("too many connections; try again"))
                 conn.close()
                 continue
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._handle, args=(conn, slot), daemon=True).start()
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _take_slot(self, conn: socket.socket) -> threading.BoundedSemaphore | None:
+        """A connection slot for ``conn``: a shared one, else (for root) a reserved one."""
+        if self.slots.acquire(blocking=False):
+            return self.slots
+        try:
+            root = peer_credentials(conn).uid == 0
+        except OSError:
+            return None
+        if root and self.root_slots.acquire(blocking=False):
+            return self.root_slots
+        return None
+
+    def _handle(self, conn: socket.socket, slot: threading.BoundedSemaphore) -> None:
         try:
             with self._lock:
                 self._conns.add(conn)
@@ -1771,13 +1829,16 @@ class ControlServer:
                 self._conns.discard(conn)
             with contextlib.suppress(OSError):
                 conn.close()
-            self.slots.release()
+            slot.release()
 
     def _requests(self, conn: socket.socket, reader: Any, peer: Peer) -> None:
+        last_request = time.monotonic()
         while not self._closed:
             line = reader.readline(control.MAX_REQUEST_BYTES + 1)
             if not line:
                 return
+            if time.monotonic() - last_request > CONNECTION_IDLE_S:
+                return  # idle: blank lines now and then keep no connection for ever
             if len(line) > control.MAX_REQUEST_BYTES and not line.endswith(b"\n"):
                 conn.sendall(
                     control.error(
@@ -1788,6 +1849,7 @@ class ControlServer:
             if not line.strip():
                 continue
             conn.sendall(self._answer(line, peer))
+            last_request = time.monotonic()
 
     def _answer(self, line: bytes, peer: Peer) -> bytes:
         try:
@@ -1827,12 +1889,13 @@ def start_metrics_server(service: Service, listen: tuple[str, int]) -> Threading
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "forgeone-isolate"
+        timeout = METRICS_IO_TIMEOUT_S  # (the connection's socket: a silent client goes)
 
         def do_GET(self) -> None:
             if self.path.split("?", 1)[0] not in ("/metrics", "/"):
                 self.send_error(404)
                 return
-            body = service.metrics_text().encode()
+            body = service.metrics_text(cached=True).encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
@@ -1843,8 +1906,33 @@ def start_metrics_server(service: Service, listen: tuple[str, int]) -> Threading
             log.debug("metrics: " + format, *args)
 
     class Server(ThreadingHTTPServer):
+        """At most METRICS_MAX_CLIENTS at once; the others are hung up on at once (anyone
+        on the host can connect: a thread each, unbounded, was theirs to take)."""
+
         daemon_threads = True
+        block_on_close = False
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        clients = threading.BoundedSemaphore(METRICS_MAX_CLIENTS)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.clients.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.clients.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.clients.release()
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # a client that went away (or stalled past the timeout) is no traceback
+            log.debug("metrics: %s: %s", client_address, sys.exc_info()[1])
 
     try:
         return Server((host, port), Handler)

@@ -178,6 +178,24 @@ def test_non_canonical_line(tmp_path: Path) -> None:
     assert verify(path).line == 2
 
 
+def test_deeply_nested_line_is_tampering_not_a_crash(tmp_path: Path) -> None:
+    # A line nested just under json's depth limit loads but may fail to re-encode, at a
+    # depth that depends on the caller's stack: try every depth near the limit, through
+    # both verify() and the CLI, and expect a tampered line 2 each time, never an exception.
+    path = tmp_path / "a.jsonl"
+    lines = write_log(path, 1)
+    limit = sys.getrecursionlimit()
+    for depth in range(max(1, limit - 250), limit + 10):
+        deep = b"[" * depth + b"]" * depth
+        line = b'{"hash":"%s","prev":"%s","seq":2,"x":%s}\n' % (b"0" * 64, b"0" * 64, deep)
+        put(path, [lines[0], line])
+        result = verify(path)
+        assert (result.ok, result.records, result.line) == (False, 1, 2), depth
+        out = io.StringIO()
+        assert cli.main(["audit", "verify", str(path)], out) == 1, depth
+        assert out.getvalue().startswith(f"TAMPERED: {path}: line 2: "), depth
+
+
 # --- writers -----------------------------------------------------------------------------
 
 
@@ -348,6 +366,30 @@ def test_cli_audit_verify(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     assert run_cli("audit", "verify", str(fifo)).returncode == 2
+
+
+def test_verify_does_not_follow_a_symlink(tmp_path: Path) -> None:
+    # A link in place of a log must not pass for it, however intact its target is.
+    target = tmp_path / "elsewhere.jsonl"
+    write_log(target, 3)
+    link = tmp_path / "a.jsonl"
+    link.symlink_to(target)
+    with pytest.raises(OSError, match=r"symbolic link \(not followed\)"):
+        verify(link)
+    dangling = tmp_path / "dangling.jsonl"
+    dangling.symlink_to(tmp_path / "absent")
+    with pytest.raises(OSError, match="symbolic link"):
+        verify(dangling)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "fifo-link").symlink_to(fifo)
+    with pytest.raises(OSError, match="symbolic link"):
+        verify(tmp_path / "fifo-link")
+    cli_link = run_cli("audit", "verify", str(link))
+    assert cli_link.returncode == 2
+    assert cli_link.stdout == ""
+    assert cli_link.stderr.count("\n") == 1
+    assert "cannot read: a symbolic link (not followed)" in cli_link.stderr
 
 
 def test_cli_audit_in_process(tmp_path: Path) -> None:

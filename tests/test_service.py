@@ -113,6 +113,7 @@ class Service:
         self.config = root / "config.toml"
         metrics_port = overrides.pop("metrics_port", None)
         group = overrides.pop("group", "")
+        max_connections = overrides.pop("max_connections", 64)
         policy_file = overrides.pop("policy", None)
         restart = {"backoff_base_s": 0.1, "backoff_cap_s": 2.0, "max_restarts": 3}
         restart.update(overrides.pop("restart", {}))
@@ -125,6 +126,7 @@ class Service:
             "[control]",
             f'socket = "{self.socket}"',
             f'group = "{group}"',
+            f"max_connections = {max_connections}",
             "[metrics]",
             f'listen = "127.0.0.1:{metrics_port}"' if metrics_port else 'listen = ""',
             "[restart]",
@@ -928,6 +930,67 @@ def test_members_of_the_configured_group_are_served(fresh: Callable[..., Service
     assert outsider["ok"] is False
     assert "neither root nor a member of group 65534" in outsider["error"]
     assert svc.terminate() == 0
+
+
+def test_root_is_served_when_every_connection_slot_is_taken(
+    fresh: Callable[..., Service],
+) -> None:
+    """max_connections held by idle clients (a group member's script, say): root still gets
+    one of the few connections kept for it, and is answered."""
+    s = fresh(max_connections=2).start()
+    idle = []
+    try:
+        for _ in range(2):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(str(s.socket))
+            idle.append(c)
+        time.sleep(0.2)  # (accepted: both slots held)
+        assert s.request("ping")["pid"] == s.pid
+    finally:
+        for c in idle:
+            c.close()
+        assert s.terminate() == 0, s.log_text()[-3000:]
+
+
+def test_the_metrics_endpoint_bounds_its_clients(
+    fresh: Callable[..., Service], tmp_path: Path
+) -> None:
+    """Anyone on the host may connect to the metrics port: idle connections get no thread
+    each (at most METRICS_MAX_CLIENTS are served at once, each for a bounded time), and
+    once they are gone the endpoint answers again."""
+    from forgeone_isolate.service import METRICS_MAX_CLIENTS
+
+    port = free_port()
+    s = fresh(metrics_port=port).start()
+
+    def threads() -> int:
+        with open(f"/proc/{s.pid}/status", encoding="ascii") as f:
+            return int(next(ln for ln in f if ln.startswith("Threads:")).split()[1])
+
+    base = threads()
+    idle = []
+    try:
+        for _ in range(40):
+            c = socket.create_connection(("127.0.0.1", port), timeout=5)
+            idle.append(c)
+        time.sleep(0.5)
+        assert threads() <= base + METRICS_MAX_CLIENTS, (base, threads())
+        for c in idle:
+            c.close()
+        idle.clear()
+
+        def answers() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        assert wait_for(answers, 30.0)
+    finally:
+        for c in idle:
+            c.close()
+        assert s.terminate() == 0, s.log_text()[-3000:]
 
 
 def test_no_service_is_one_clear_line(tmp_path: Path) -> None:

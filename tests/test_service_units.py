@@ -373,9 +373,36 @@ def test_remove_cgroup_dirs_removes_leaves_and_an_empty_parent(tmp_path: Path) -
 def test_tail_lines(tmp_path: Path) -> None:
     path = tmp_path / "log"
     path.write_bytes(b"".join(f"line {i}\n".encode() for i in range(5000)))
-    assert service._tail_lines(path, 3) == [b"line 4997", b"line 4998", b"line 4999"]
-    assert len(service._tail_lines(path, 5000)) == 5000
-    assert service._tail_lines(path, 1, chunk=7) == [b"line 4999"]
+    assert service._tail_lines(path, 3, 100) == [b"line 4997", b"line 4998", b"line 4999"]
+    assert len(service._tail_lines(path, 5000, 100)) == 5000
+    assert service._tail_lines(path, 1, 100, chunk=7) == [b"line 4999"]
+    path.write_bytes(b"first\nlast without newline")
+    assert service._tail_lines(path, 5, 100) == [b"first", b"last without newline"]
+
+
+def test_tail_lines_of_a_hostile_log_read_a_bounded_amount(tmp_path: Path) -> None:
+    """A log whose end is 64 MiB of zeros (no newline; a crash can leave that) or one huge
+    line: the tail reads about n lines' worth of the longest record, not the file (this was
+    quadratic: 21 s at 64 MiB), and cuts what it returns; a symlink is not followed."""
+    path = tmp_path / "log"
+    with open(path, "wb") as f:
+        f.write(b'{"ok": 1}\n')
+        f.truncate(64 << 20)  # sparse zeros
+
+    def bytes_read() -> int:  # by this process's read(2) calls
+        with open("/proc/self/io", encoding="ascii") as f:
+            return int(next(ln for ln in f if ln.startswith("rchar:")).split()[1])
+
+    before = bytes_read()
+    lines = service._tail_lines(path, 3, 1000, chunk=4096)
+    spent = bytes_read() - before
+    assert spent <= 3 * 1001 + 2 * 4096 + 4096, spent  # (+ this counter's own read)
+    assert len(lines) == 1
+    assert len(lines[0]) == 1001  # cut: longer than any record, reported as unparsable
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    with pytest.raises(OSError):
+        service._tail_lines(link, 3, 1000)
 
 
 # ----------------------------------------------------------------------------- artifacts
