@@ -4,7 +4,8 @@ Line format: canonical JSON (sorted keys, ``,``/``:`` separators, ASCII only, so
 is always one line) followed by ``\\n``. :meth:`AuditLog.append` adds three fields to the
 caller's record:
 
-- ``seq``: 1 for the first line of the file, then +1 per line (so ``seq`` is the line number);
+- ``seq``: 1 for the first line of the log, then +1 per line (so ``seq`` is the line number,
+  counting the lines of the files rotated away before this one);
 - ``prev``: the sha256 (hex) of the previous line's bytes, without its newline; 64 zeros on
   the first line. Editing, deleting or reordering a line breaks the next line's ``prev``;
 - ``hash``: the sha256 (hex) of the line's own canonical JSON without the ``hash`` field.
@@ -25,6 +26,17 @@ Several writers (several launches) may share one file: each append takes an excl
 ``flock`` and, when the file grew since this writer's own last append, chains onto the
 last line another writer wrote.
 
+Rotation: a log is bounded. An append that would take the file past ``max_bytes`` first
+starts a new file: its first line is an ``audit_rotated`` record that continues the chain
+(its ``seq`` and ``prev`` follow the old file's last line), the old file becomes
+``<name>.1`` (older ones ``.2`` ... up to ``keep``; the oldest is deleted), and the new
+one takes the name in one rename, so the name always holds a whole log. A writer that
+finds the name on another file than its own reopens it. :func:`verify` accepts a file
+that starts with an ``audit_rotated`` record (its ``seq`` is then the line number plus
+the records before it) and checks its ``prev`` against ``<name>.1`` when that is kept. A
+forged rotation record cannot hide a removed beginning: the next line's ``prev`` names the
+real line before it.
+
 Records must never carry file contents or secrets; that is the caller's job, and
 :func:`summarize` shows a value's size and a digest instead of its bytes.
 """
@@ -39,6 +51,7 @@ import json
 import os
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +60,11 @@ from typing import Any, Final, Self
 from forgeone_isolate.errors import IsolateError
 
 ZERO_HASH: Final = "0" * 64
+#: a log file is rotated before it grows past this many bytes
+DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
+#: rotated files kept (``<name>.1`` the newest ... ``<name>.<keep>``)
+DEFAULT_KEEP: Final = 8
+ROTATED_OP: Final = "audit_rotated"
 #: the longest line ``append`` writes; ``verify`` calls a longer line tampering.
 MAX_LINE_BYTES: Final = 64 * 1024
 RESERVED_FIELDS: Final = frozenset({"seq", "prev", "hash"})
@@ -109,11 +127,21 @@ class AuditLog:
     Raises: AuditError from the constructor when the file cannot be opened safely.
     """
 
-    def __init__(self, path: Path, fsync_every: int = 64) -> None:
+    def __init__(
+        self,
+        path: Path,
+        fsync_every: int = 64,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        keep: int = DEFAULT_KEEP,
+    ) -> None:
         if fsync_every < 1:
             raise ValueError("fsync_every must be at least 1")
+        if max_bytes < 2 * MAX_LINE_BYTES or keep < 1:
+            raise ValueError(f"max_bytes must be at least {2 * MAX_LINE_BYTES}, keep at least 1")
         self.path = path
         self.fsync_every = fsync_every
+        self.max_bytes = max_bytes
+        self.keep = keep
         self._lock = threading.Lock()
         self._unsynced = 0
         self._known_size = -1  # forces a read of the tail before the first append
@@ -165,7 +193,7 @@ class AuditLog:
             if self._fd < 0:
                 raise AuditError(f"audit log {self.path}: closed")
             try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                self._lock_current()
                 try:
                     self._append_locked(record, durable)
                 finally:
@@ -175,6 +203,29 @@ class AuditLog:
                     f"audit log {self.path}: cannot append: {e.strerror or e}"
                 ) from None
 
+    def _lock_current(self) -> None:
+        """flock our file, first moving to the one the name holds if another writer
+        rotated it away meanwhile (checked under the old file's lock, which the rotating
+        writer holds until the new file is in place)."""
+        for _ in range(8):
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                named = os.lstat(self.path)
+            except FileNotFoundError:
+                named = None
+            mine = os.fstat(self._fd)
+            if named is not None and (named.st_ino, named.st_dev) == (mine.st_ino, mine.st_dev):
+                return
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if self._unsynced:
+                os.fsync(self._fd)
+                self._unsynced = 0
+            fd, _created = self._open(self.path)
+            os.close(self._fd)
+            self._fd = fd
+            self._known_size = -1  # chain onto what the new file holds
+        raise OSError(errno.EAGAIN, "the log keeps being rotated away")
+
     def _append_locked(self, record: dict[str, Any], durable: bool) -> None:
         size = os.fstat(self._fd).st_size
         if size != self._known_size:  # first append, or another writer appended
@@ -182,6 +233,10 @@ class AuditLog:
         line = seal(record, self._seq + 1, self._prev)
         if len(line) + 1 > MAX_LINE_BYTES:
             raise ValueError(f"audit record is {len(line)} bytes, more than {MAX_LINE_BYTES}")
+        if size > 0 and size + len(line) + 1 + MAX_LINE_BYTES > self.max_bytes:
+            self._rotate(size)  # (room for the rotation record: MAX_LINE_BYTES at most)
+            size = self._known_size
+            line = seal(record, self._seq + 1, self._prev)
         data = line + b"\n"
         written = 0
         while written < len(data):
@@ -193,6 +248,51 @@ class AuditLog:
         if durable or self._unsynced >= self.fsync_every:
             os.fsync(self._fd)
             self._unsynced = 0
+
+    def _rotate(self, size: int) -> None:
+        """Start a new file under the name, whose first line continues the chain; the old
+        one becomes ``<name>.1``. Called with our (current) file locked."""
+        path = self.path
+        new = path.with_name(path.name + ".new")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(new)  # a rotation that died half-way (we hold the lock: nobody else)
+        fd = os.open(
+            new,
+            os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_CREAT | os.O_EXCL,
+            0o600,
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # others, once they see it, wait for our append
+            mark = seal(
+                {
+                    "time": time.time(),
+                    "op": ROTATED_OP,
+                    "previous": f"{path.name}.1",
+                    "previous_bytes": size,
+                },
+                self._seq + 1,
+                self._prev,
+            )
+            os.write(fd, mark + b"\n")
+            os.fsync(fd)
+            if self._unsynced:
+                os.fsync(self._fd)
+                self._unsynced = 0
+            _shift_rotated(path, self.keep)
+            os.link(path, _rotated(path, 1))
+            os.replace(new, path)
+            _fsync_dir(path.parent)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(new)
+            raise
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = fd
+        self._seq += 1
+        self._prev = _sha256(mark)
+        self._known_size = len(mark) + 1
 
     def _read_tail(self, size: int) -> tuple[int, str]:
         """(seq, sha256) of the file's last line; (0, zeros) for an empty file."""
@@ -242,6 +342,19 @@ class AuditLog:
         self.close()
 
 
+def _rotated(path: Path, k: int) -> Path:
+    return path.with_name(f"{path.name}.{k}")
+
+
+def _shift_rotated(path: Path, keep: int) -> None:
+    """``<name>.k`` -> ``<name>.k+1`` from the oldest kept down; the oldest is deleted."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_rotated(path, keep))
+    for k in range(keep - 1, 0, -1):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(_rotated(path, k), _rotated(path, k + 1))
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -278,17 +391,60 @@ def verify(path: Path) -> VerifyResult:
     """
     prev = ZERO_HASH
     n = 0
+    before = 0  # records in the files rotated away before this one
+    note = ""
     with os.fdopen(_open_for_verify(path), "rb") as f:
         while True:
             raw = f.readline(MAX_LINE_BYTES + 1)
             if not raw:
                 break
             n += 1
-            bad = _check_line(raw, n, prev)
+            if n == 1:
+                start = _rotation_start(raw)
+                if start is not None:
+                    before, prev = start
+                    link = _check_link(path, prev)
+                    if link is not None:
+                        return VerifyResult(False, 0, 1, link)
+                    note = f" (continuing {path.name}.1 after record {before})"
+            bad = _check_line(raw, n + before, prev)
             if bad is not None:
                 return VerifyResult(False, n - 1, n, bad)
             prev = _sha256(raw[:-1])
-    return VerifyResult(True, n, None, f"{n} records, hash chain intact")
+    return VerifyResult(True, n, None, f"{n} records, hash chain intact{note}")
+
+
+def _rotation_start(raw: bytes) -> tuple[int, str] | None:
+    """(records before, their last line's hash) when ``raw`` is a rotation record whose
+    fields are well-formed; None otherwise (then it is checked as a first line)."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict) or obj.get("op") != ROTATED_OP:
+        return None
+    seq, prev = obj.get("seq"), obj.get("prev")
+    if type(seq) is not int or seq < 2 or not isinstance(prev, str):
+        return None
+    return seq - 1, prev
+
+
+def _check_link(path: Path, prev: str) -> str | None:
+    """Whether ``<name>.1``, when kept, ends with the line ``prev`` names."""
+    try:
+        fd = _open_for_verify(_rotated(path, 1))
+    except FileNotFoundError:
+        return None  # rotated away for good: the chain is checked from here
+    with os.fdopen(fd, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = max(0, size - MAX_LINE_BYTES - 1)
+        f.seek(start)
+        tail = f.read()
+    cut = tail.rfind(b"\n", 0, len(tail) - 1)
+    last = tail[cut + 1 :]
+    if not last.endswith(b"\n") or _sha256(last[:-1]) != prev:
+        return f"the rotation record's prev is not the last line of {path.name}.1"
+    return None
 
 
 def _open_for_verify(path: Path) -> int:
@@ -351,7 +507,10 @@ def _check_line(raw: bytes, n: int, prev: str) -> str | None:
 
 
 __all__ = [
+    "DEFAULT_KEEP",
+    "DEFAULT_MAX_BYTES",
     "MAX_LINE_BYTES",
+    "ROTATED_OP",
     "ZERO_HASH",
     "AuditError",
     "AuditLog",

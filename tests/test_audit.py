@@ -436,3 +436,84 @@ def test_any_edit_is_detected(valid_log: bytes, data: st.DataObject) -> None:
         path = Path(d) / "edited.jsonl"
         path.write_bytes(edited)
         assert not verify(path).ok
+
+
+# --------------------------------------------------------------------------- rotation
+
+SMALL = 2 * audit.MAX_LINE_BYTES  # the smallest max_bytes: a rotation every ~20 records below
+
+
+def big_record(i: int) -> dict[str, object]:
+    return {"op": "clock_now", "i": i, "pad": "x" * 3000}
+
+
+def segments(path: Path, keep: int) -> list[Path]:
+    """The log's files, oldest first."""
+    older = [path.with_name(f"{path.name}.{k}") for k in range(keep, 0, -1)]
+    return [p for p in older if p.exists()] + [path]
+
+
+def test_rotation_bounds_the_file_and_keeps_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / "busy.jsonl"
+    with AuditLog(path, max_bytes=SMALL, keep=2) as log:
+        for i in range(100):
+            log.append(big_record(i), durable=False)
+    files = segments(path, 2)
+    assert len(files) == 3  # the name, .1 and .2; older ones were deleted
+    assert not path.with_name("busy.jsonl.3").exists()
+    assert all(p.stat().st_size <= SMALL for p in files)
+    seqs: list[int] = []
+    for p in files:
+        result = verify(p)
+        assert result.ok, (p, result)
+        lines = p.read_bytes().splitlines()
+        seqs += [json.loads(x)["seq"] for x in lines]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # one chain, no gap
+    first = json.loads(path.read_bytes().splitlines()[0])
+    assert first["op"] == audit.ROTATED_OP
+    last_of_previous = path.with_name("busy.jsonl.1").read_bytes().splitlines()[-1]
+    assert first["prev"] == hashlib.sha256(last_of_previous).hexdigest()
+    assert "continuing busy.jsonl.1" in verify(path).reason
+
+
+def test_two_writers_follow_each_others_rotations(tmp_path: Path) -> None:
+    path = tmp_path / "shared.jsonl"
+    with (
+        AuditLog(path, max_bytes=SMALL, keep=8) as a,
+        AuditLog(path, max_bytes=SMALL, keep=8) as b,
+    ):
+        for i in range(120):
+            (a if i % 3 else b).append(big_record(i), durable=False)
+    files = segments(path, 8)
+    assert len(files) >= 4
+    seqs = [json.loads(x)["seq"] for p in files for x in p.read_bytes().splitlines()]
+    assert seqs == list(range(1, len(seqs) + 1))
+    mine = [json.loads(x).get("i") for p in files for x in p.read_bytes().splitlines()]
+    assert [i for i in mine if i is not None] == list(range(120))  # none lost, in order
+    assert all(verify(p).ok for p in files)
+
+
+def test_a_forged_rotation_record_does_not_hide_a_removed_beginning(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    lines = write_log(path, 10)
+    forged = seal({"op": audit.ROTATED_OP, "previous": "a.jsonl.1"}, 4, "f" * 64)
+    put(path, [forged + b"\n", *lines[4:]])  # the first four records removed
+    result = verify(path)
+    assert not result.ok
+    assert result.line == 2
+    assert "prev" in result.reason
+
+
+def test_a_rotated_file_that_does_not_end_where_the_next_begins_is_caught(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "r.jsonl"
+    with AuditLog(path, max_bytes=SMALL, keep=2) as log:
+        for i in range(30):
+            log.append(big_record(i), durable=False)
+    older = path.with_name("r.jsonl.1")
+    lines = older.read_bytes().splitlines(keepends=True)
+    put(older, lines[:-1])  # its last record removed
+    result = verify(path)
+    assert not result.ok
+    assert "r.jsonl.1" in result.reason
