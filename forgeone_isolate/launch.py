@@ -448,6 +448,7 @@ class _Supervisor:
         self.brk = brk
         self.on_observed = on_observed
         self.pid1 = -1
+        self.pid1_fd = -1  # a pidfd on PID 1, from its PID1 marker on
         self.keeper_placed = False  # born in the plugin's cgroup (v2: CLONE_INTO_CGROUP)
         self.vm_size = 0
         self.link: Any = None  # netns.PluginLink once set up
@@ -474,10 +475,15 @@ class _Supervisor:
     def kill(self, reason: str) -> None:
         if self.kill_reason is None:
             self.kill_reason = reason
-        for pid in (self.pid1, self.keeper):
-            if pid > 0:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        if self.pid1_fd >= 0:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.pid1_fd, signal.SIGKILL)
+        elif self.pid1 > 0 and self.pid1_status is None:  # (no pidfd: a kernel before 5.3)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid1, signal.SIGKILL)
+        if self.keeper > 0:  # our child: its pid is ours until we reap it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.keeper, signal.SIGKILL)
         with contextlib.suppress(Exception):
             self.pc.kill(timeout=1.0)
 
@@ -515,6 +521,9 @@ class _Supervisor:
                         self._dispatch_command()
         sel.close()
         _, status = os.waitpid(self.keeper, 0)
+        if self.pid1_fd >= 0:
+            os.close(self.pid1_fd)
+            self.pid1_fd = -1
         self._conclude(status)
 
     def _setup_network(self) -> None:
@@ -647,6 +656,10 @@ class _Supervisor:
             self._mark("keeper_attached_ms")
         elif m == markers.PID1 and isinstance(msg.get("pid"), int) and self.pid1 <= 0:
             self.pid1 = int(msg["pid"])
+            # Held from now on: PID 1 is the keeper's child, not ours, so its pid may be
+            # reaped and reused while we still have reason to signal it; a pidfd may not.
+            with contextlib.suppress(OSError):
+                self.pid1_fd = os.pidfd_open(self.pid1)
             self._mark("pid1_ms")
             # PID 1's address space size, for its RLIMIT_AS (it has no /proc once pivoted):
             # read now, while it sets up, off its path. What it maps later fits the headroom.
@@ -663,6 +676,10 @@ class _Supervisor:
             held, self.early = self.early, []
             for early in held:
                 self._on_marker(early)
+        elif m == markers.STEP_FAILED and markers.FILTERED in self.markers_seen:
+            # every step is done once PID 1 is filtered: only a plugin that took over PID 1
+            # or the keeper (they share memory) says this now, to be believed over a kill
+            self.kill("protocol violation on the setup channel")
         elif m == markers.STEP_FAILED:
             err = msg.get("errno")
             err = err if isinstance(err, int) and 0 <= err < 4096 else 0
@@ -779,6 +796,15 @@ class _Supervisor:
             if self.kill_reason == "setup timeout":
                 raise SetupError("setup", 0, "the sandbox did not come up in time")
             return
+        # The kernel's own record of a seccomp kill outweighs the exit status: that comes
+        # through the keeper, whose memory PID 1 shares, and a plugin that took PID 1 over
+        # could rewrite it (or say nothing) to hide the kill. (What the witness holds now:
+        # the record is written before PID 1 dies, so it is there but for kauditd's delay.)
+        if status is None or not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS):
+            killed_by = self.witness.syscall_for(self.pid1, wait_s=0.0) if self.pid1 > 0 else None
+            if killed_by is not None:
+                r.status, r.reason = "killed", f"seccomp: {killed_by} (not as its keeper reported)"
+                return
         if status is None:
             raise SetupError(
                 "keeper", 0, f"the keeper ended without a report ({_describe(keeper_status)})"

@@ -193,11 +193,22 @@ def name_seccomp_kill(
     ev: dict[str, Any], pid1: int | None, witness: observe.SeccompWitness | None, since: float
 ) -> dict[str, Any]:
     """``ev`` (a host's exit event) with the killing syscall named from ``witness`` when
-    seccomp killed PID 1 ``pid1`` and the host could not name it; otherwise ``ev``."""
-    if ev.get("reason") != UNNAMED_SECCOMP_KILL or pid1 is None or witness is None:
+    seccomp killed PID 1 ``pid1``; otherwise ``ev``.
+
+    The host could not name it (it reads no audit records): then the witness waits up to
+    0.3 s for the kernel's record. For any other end the witness is asked too, without
+    waiting: the status the host reports comes through the keeper, whose memory PID 1
+    shares, so a plugin that took PID 1 over could hide its kill behind another one.
+    """
+    if pid1 is None or witness is None:
         return ev
-    name = witness.syscall_for(pid1, wait_s=0.3, since=since)
-    return {**ev, "reason": f"seccomp: {name}"} if name else ev
+    unnamed = ev.get("reason") == UNNAMED_SECCOMP_KILL
+    name = witness.syscall_for(pid1, wait_s=0.3 if unnamed else 0.0, since=since)
+    if name is None:
+        return ev
+    if unnamed:
+        return {**ev, "reason": f"seccomp: {name}"}
+    return {**ev, "status": "killed", "reason": f"seccomp: {name} (not as its keeper reported)"}
 
 
 def _write_existing(path: str, value: bytes) -> None:

@@ -1042,3 +1042,40 @@ def test_a_setup_marker_said_twice_is_a_protocol_violation() -> None:
             assert pc.killed == 1
         finally:
             sup.sel.close()
+
+
+def test_a_failed_step_said_after_the_filter_is_a_protocol_violation() -> None:
+    """Every step is done once PID 1 is filtered: a STEP_FAILED after FILTERED comes from
+    a plugin that took over PID 1 or its keeper (they share memory), to be believed over
+    the kill that follows. It is refused, and no step failure is reported."""
+    from forgeone_isolate import launch, markers
+
+    class Cgroup:
+        killed = 0
+
+        def kill(self, timeout: float = 1.0) -> None:
+            self.killed += 1
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pc = Cgroup()
+    with ours, theirs:
+        sup = launch._Supervisor(
+            make_plan("late-step"),
+            launch.LaunchResult(),
+            None,
+            pc,
+            None,
+            -1,
+            ours,
+            ours,
+            None,  # type: ignore[arg-type]
+        )
+        try:
+            sup.markers_seen.add(markers.FILTERED)  # (as once PID 1 said it)
+            step = {"m": markers.STEP_FAILED, "step": "seccomp", "errno": 1, "message": "x"}
+            assert sup._on_marker(step)
+            assert sup.kill_reason == "protocol violation on the setup channel"
+            assert sup.step_failed is None
+            assert pc.killed == 1
+        finally:
+            sup.sel.close()
