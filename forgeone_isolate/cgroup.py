@@ -538,7 +538,11 @@ class CgroupHost:
         except OSError as exc:
             raise _error("cgroup v2 subtree_control", exc, own_ctl) from exc
         missing = [c for c in wanted if c not in enabled]
-        if missing and h.own_cgroup != "/":
+        # Only the real root cgroup may hold processes and enable controllers for its
+        # children. "/" in /proc/self/cgroup is also the root of a cgroup namespace (a
+        # container's), which is not exempt: the real root is the one without cgroup.type.
+        real_root = h.own_cgroup == "/" and not fs.exists(os.path.join(h.base, "cgroup.type"))
+        if missing and not real_root:
             self._v2_move_out_of_own(h)
         for c in missing:
             try:
@@ -656,10 +660,22 @@ class PluginCgroup(ABC):
     @abstractmethod
     def _setup(self, limits: CgroupLimits) -> None: ...
 
-    def _make_leaf(self, subtree: str) -> str:
+    def _make_leaf(self, subtree: str, prepare: Callable[[], object] | None = None) -> str:
+        """Make our leaf in ``subtree``, which ``prepare`` (v2: also enabling our
+        controllers in it) or a plain mkdir makes first; again when another supervisor's
+        remove() took an empty ``subtree`` away meanwhile (a v2 one remade by a plain mkdir
+        would lack its controllers, and our leaf its limit files)."""
         leaf = os.path.join(subtree, self.name)
         for _attempt in range(5):
-            _mkdir_exist_ok(self._fs, subtree)
+            if prepare is None:
+                _mkdir_exist_ok(self._fs, subtree)
+            else:
+                try:
+                    prepare()
+                except SetupError as e:
+                    if e.errno == errno.ENOENT:
+                        continue  # taken away while being prepared
+                    raise
             try:
                 self._fs.mkdir(leaf)
             except FileNotFoundError:
@@ -836,7 +852,7 @@ class _V2Cgroup(PluginCgroup):
                 self.not_applied[limit] = host.unavailable.get(limit, f"{limit} unavailable")
         if not host.usable_hierarchies():
             return
-        leaf = self._make_leaf(host._v2_prepare_subtree())
+        leaf = self._make_leaf(host.hierarchies[0].subtree, prepare=host._v2_prepare_subtree)
 
         def put(limit: str, filename: str, value: str) -> None:
             path = os.path.join(leaf, filename)

@@ -218,6 +218,15 @@ class _Loader:
         cap = self.number(("restart", "backoff_cap_s"), restart, 30.0, 0.01, 86400.0)
         if cap < base:
             self.fail(("restart", "backoff_cap_s"), f"must be at least backoff_base_s ({base})")
+        max_plugins = self.integer(("max_plugins",), doc, d.max_plugins, 1, 100_000)
+        pool = self.network(tables["network"])
+        links = 1 << (30 - pool.prefixlen)  # a /30 per plugin granted the network
+        if links < max_plugins:
+            self.fail(
+                ("network", "address_pool"),
+                f"{pool} holds {links} plugin links, fewer than max_plugins ({max_plugins}):"
+                " plugins granted the network could be given the same addresses",
+            )
         uid_first = self.integer(("uids", "first"), tables["uids"], d.uid_first, 1, MAX_UID)
         uid_count = self.integer(("uids", "count"), tables["uids"], d.uid_count, 1, 1 << 24)
         if uid_first + uid_count - 1 > MAX_UID:
@@ -228,7 +237,7 @@ class _Loader:
             policy=self.absolute(("policy",), policy_text) if policy_text else None,
             log_level=self.choice(("log_level",), doc, d.log_level, LOG_LEVELS),
             stop_timeout_s=self.number(("stop_timeout_s",), doc, d.stop_timeout_s, 0.1, 600.0),
-            max_plugins=self.integer(("max_plugins",), doc, d.max_plugins, 1, 100_000),
+            max_plugins=max_plugins,
             cgroup_delegated=self.boolean(("cgroup_delegated",), doc, d.cgroup_delegated),
             control_socket=self.path_value(
                 ("control", "socket"), tables["control"], d.control_socket
@@ -240,7 +249,7 @@ class _Loader:
             ),
             uid_first=uid_first,
             uid_count=uid_count,
-            address_pool=self.network(tables["network"]),
+            address_pool=pool,
             metrics_listen=self.listen(metrics_text) if metrics_text else None,
             restart=RestartDefaults(
                 policy=self.choice(("restart", "policy"), restart, "on-failure", RESTART_POLICIES),

@@ -294,18 +294,29 @@ def run_plan(
 
 
 _STALE_RE = re.compile(r"-s(\d+)$")
+#: a leaf younger than this is never swept: its supervisor may live in another pid
+#: namespace (where its pid means nothing here) and be between creating it and moving its
+#: keeper in, the only time a live plugin's leaf is empty
+STALE_GRACE_S = 60.0
 
 
-def sweep_stale_cgroups(cgroups: cgroup.CgroupHost) -> list[str]:
+def sweep_stale_cgroups(cgroups: cgroup.CgroupHost, grace_s: float = STALE_GRACE_S) -> list[str]:
     """Remove plugin cgroups whose supervisor is dead (it was SIGKILLed, say).
 
-    Only empty leaves named ``...-s<pid>`` whose pid no longer exists are removed; the
-    kernel refuses rmdir of a cgroup that still has processes, so a live one is never hit.
+    Only empty leaves named ``...-s<pid>`` whose pid no longer exists, and older than
+    ``grace_s``, are removed; the kernel refuses rmdir of a cgroup that still has
+    processes, so a live one is never hit.
     """
     removed: list[str] = []
+    now = time.time()
     for path in sorted(cgroups.existing_plugin_dirs(), key=len, reverse=True):
         m = _STALE_RE.search(os.path.basename(path))
         if m is None:
+            continue
+        try:
+            if now - os.stat(path).st_mtime < grace_s:
+                continue
+        except OSError:
             continue
         try:
             os.kill(int(m.group(1)), 0)

@@ -258,8 +258,8 @@ def run_host(spec: dict[str, Any], channel: HostChannel) -> int:
                 planned,
                 host_uid=lease.uid,
                 host_gid=lease.uid,
-                # the plugin's veth addresses: by its uid's place in the range
-                address_index=lease.uid - int(spec["uid_first"]),
+                # the plugin's veth addresses: by its uid (one base for every supervisor)
+                address_index=lease.index,
             )
 
             def observed(launched: LaunchResult) -> None:

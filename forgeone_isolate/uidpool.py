@@ -38,7 +38,10 @@ class UidLease:
 
     def __init__(self, uid: int, fd: int, path: Path, index: int = 0) -> None:
         self.uid = uid
-        #: position of the uid in its range; also picks the plugin's network addresses
+        #: the uid's place counted from DEFAULT_FIRST, whatever range it was leased from:
+        #: picks the plugin's network addresses (modulo the pool's size), so that two
+        #: supervisors with different ranges (a service, a one-shot launch) never pick the
+        #: same link for two uids leased at once
         self.index = index
         self._fd: int | None = fd
         self._path = path
@@ -87,5 +90,5 @@ def lease_uid(
         if not path.exists() or os.stat(path).st_ino != os.fstat(fd).st_ino:
             os.close(fd)
             continue
-        return UidLease(uid, fd, path, uid - first)
+        return UidLease(uid, fd, path, uid - DEFAULT_FIRST)
     raise SetupError("uid-lease", 0, f"all {count} uids from {first} are in use")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from forgeone_isolate import cgroup
-from forgeone_isolate.cgroup import CgroupFs, CgroupLimits
+from forgeone_isolate.cgroup import SUPERVISOR_LEAF, CgroupFs, CgroupLimits
 from forgeone_isolate.errors import SetupError
 
 # --- sample hosts ---------------------------------------------------------------------
@@ -183,7 +183,8 @@ class FakeKernelFs(CgroupFs):
 
 
 def _v2_files(_path: Path) -> dict[str, str]:
-    return dict(V2_FILES, **{"cgroup.controllers": "cpu io memory pids"})
+    # (every cgroup but the real root has cgroup.type: fixtures delete the root's)
+    return dict(V2_FILES, **{"cgroup.controllers": "cpu io memory pids", "cgroup.type": "domain\n"})
 
 
 def _v1_files_for(cgroot: Path) -> Callable[[Path], dict[str, str]]:
@@ -216,6 +217,7 @@ def v2_tree(tmp_path: Path) -> tuple[Path, FakeKernelFs, tuple[str, str]]:
     cgroot = fsroot / "sys/fs/cgroup"
     fs = FakeKernelFs(fsroot, _v2_files)
     _make_dir(fs, cgroot)
+    (cgroot / "cgroup.type").unlink()  # the real root has none
     (cgroot / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma misc\n")
     (cgroot / "cgroup.subtree_control").write_text("cpu io memory pids\n")
     own = cgroot / DEBIAN12_SERVICE.lstrip("/")
@@ -505,11 +507,12 @@ def test_v2_second_plugin_does_not_move_again(
 
 
 def test_v2_root_cgroup_never_moves(tmp_path: Path) -> None:
-    # In the root cgroup (or a cgroup namespace) the no-internal-process rule does not apply.
+    # In the real root cgroup the no-internal-process rule does not apply.
     fsroot = tmp_path / "root"
     cgroot = fsroot / "sys/fs/cgroup"
     fs = FakeKernelFs(fsroot, _v2_files)
     _make_dir(fs, cgroot)
+    (cgroot / "cgroup.type").unlink()  # the real root has none
     (cgroot / "cgroup.controllers").write_text("cpu io memory pids\n")
     (cgroot / "cgroup.procs").write_text(f"{os.getpid()}\n")
     paths = _write_proc_files(tmp_path, DEBIAN12_MOUNTINFO, "0::/\n")
@@ -519,6 +522,52 @@ def test_v2_root_cgroup_never_moves(tmp_path: Path) -> None:
         assert ("/sys/fs/cgroup/cgroup.subtree_control", "+cpu") in fs.writes
         assert cg.applied == {"cpu": "cpu.max=5000 100000"}
     assert host.supervisor_leaf is None
+
+
+def test_v2_the_root_of_a_cgroup_namespace_moves_out_like_any_cgroup(tmp_path: Path) -> None:
+    """In a container's cgroup namespace /proc/self/cgroup says "0::/" too, but its root
+    is an ordinary cgroup (it has cgroup.type): enabling controllers there while it holds
+    the supervisor fails with EBUSY, so the supervisor moves to a leaf first."""
+    fsroot = tmp_path / "root"
+    cgroot = fsroot / "sys/fs/cgroup"
+    fs = FakeKernelFs(fsroot, _v2_files)
+    _make_dir(fs, cgroot)  # (keeps its cgroup.type: not the real root)
+    (cgroot / "cgroup.controllers").write_text("cpu io memory pids\n")
+    (cgroot / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    paths = _write_proc_files(tmp_path, DEBIAN12_MOUNTINFO, "0::/\n")
+    host = _detect((fsroot, fs, paths))
+    with host.create("p", CgroupLimits(cpu_percent=5)) as cg:
+        assert host.supervisor_leaf is not None
+        moved = [w for w in fs.writes if w[0].endswith(f"{SUPERVISOR_LEAF}/cgroup.procs")]
+        assert moved == [(f"/sys/fs/cgroup/{SUPERVISOR_LEAF}/cgroup.procs", str(os.getpid()))]
+        assert cg.applied == {"cpu": "cpu.max=5000 100000"}
+
+
+def test_v2_a_subtree_removed_under_us_is_prepared_again(
+    v2_tree: tuple[Path, FakeKernelFs, tuple[str, str]],
+) -> None:
+    """Another supervisor's remove() takes the empty forgeone/ away between our preparing
+    it and making our leaf: it is made again with our controllers enabled in it (a plain
+    mkdir would leave it without, and our leaf without its limit files)."""
+    _, fs, _ = v2_tree
+    host = _detect(v2_tree, (DEBIAN12_SERVICE,))
+    real_mkdir = fs.mkdir
+    raced: list[str] = []
+
+    def racing_mkdir(path: str) -> None:
+        if path.endswith("/forgeone/p") and not raced:
+            raced.append(path)
+            fs.rmdir(os.path.dirname(path))  # the other supervisor's remove()
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        real_mkdir(path)
+
+    fs.mkdir = racing_mkdir  # type: ignore[method-assign]
+    with host.create("p", CgroupLimits(cpu_percent=5)) as cg:
+        assert raced
+        enables = [v for p, v in fs.writes if p.endswith("/forgeone/cgroup.subtree_control")]
+        assert enables, fs.writes
+        assert all(enables.count(v) == 2 for v in enables), enables
+        assert cg.applied == {"cpu": "cpu.max=5000 100000"}
 
 
 def test_v2_swap_file_absent_and_io_without_device(

@@ -130,6 +130,8 @@ def test_backoff_doubles_and_caps() -> None:
         ("[metrics]\nlisten = '127.0.0.1:70000'\n", 2, "metrics.listen", "outside"),
         ("[network]\naddress_pool = '10.0.0.1/8'\n", 2, "network.address_pool", "not an IPv4"),
         ("[network]\naddress_pool = '10.0.0.0/31'\n", 2, "network.address_pool", "too small"),
+        # 64 links for up to 1024 plugins: two networked plugins could share addresses
+        ("[network]\naddress_pool = '10.9.0.0/24'\n", 2, "network.address_pool", "fewer than"),
         ("[control]\ngroup = 'no-such-group-xyz'\n", 2, "control.group", "no such group"),
         ("[restart]\npolicy = 'always'\n", 2, "restart.policy", "must be one of"),
         (

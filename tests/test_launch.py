@@ -111,6 +111,28 @@ def test_hello_report_has_every_isolation_field(
     assert_nothing_left(report)
 
 
+def test_the_sweep_spares_young_leaves_of_unknown_supervisors() -> None:
+    """A leaf named for a supervisor pid we cannot see may belong to a supervisor in another
+    pid namespace, between creating it and moving its keeper in: the sweep leaves it alone
+    until it is STALE_GRACE_S old, and removes it after."""
+    from forgeone_isolate.launch import sweep_stale_cgroups
+
+    hosts = cgroup.detect()
+    if not any(h.usable for h in hosts.hierarchies):
+        pytest.skip("no usable cgroup hierarchy")
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid nobody has now
+    made = hosts.create(f"sweeptest-{os.getpid()}-s{gone.pid}", cgroup.CgroupLimits())
+    try:
+        assert made.paths
+        assert not any(p in sweep_stale_cgroups(hosts) for p in made.paths)
+        assert all(os.path.isdir(p) for p in made.paths)
+        removed = sweep_stale_cgroups(hosts, grace_s=0.0)
+        assert set(made.paths) <= set(removed), (made.paths, removed)
+    finally:
+        made.remove()
+
+
 def test_dry_run_prints_the_plan_and_starts_nothing(
     packer: Packer, signer: Signer, state_dir: Path
 ) -> None:
@@ -346,6 +368,24 @@ def test_sigkill_to_the_supervisor_takes_the_plugin_down(
 
 
 # --------------------------------------------------------------------- two at a time
+
+
+def test_uid_leases_of_different_ranges_pick_different_links(tmp_path: Path) -> None:
+    """A service with its own uid range and a one-shot launch with the default one, at the
+    same time: their plugins' network links are picked from one base, so they differ (the
+    first uid of each range both picked link 0 before)."""
+    from forgeone_isolate import netns
+    from forgeone_isolate.uidpool import DEFAULT_FIRST, lease_uid
+
+    pool = netns.AddressPool(netns.DEFAULT_NETWORK)
+    with (
+        lease_uid(tmp_path, first=DEFAULT_FIRST + 64, count=100) as service,
+        lease_uid(tmp_path, first=DEFAULT_FIRST, count=100) as one_shot,
+    ):
+        assert service.uid != one_shot.uid
+        assert pool.lease(service.index % pool.capacity) != pool.lease(
+            one_shot.index % pool.capacity
+        )
 
 
 def test_concurrent_launches_get_distinct_host_uids(
