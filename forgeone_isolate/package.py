@@ -430,6 +430,13 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+        # the rename itself, on disk: a power loss after a caller recorded the file (a
+        # registry row, say) must not leave the name missing
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         raise PackageError(f"cannot write {path}: {e.strerror}") from None

@@ -395,6 +395,22 @@ class Registry:
             self._drop_package_if_unused(row.sha256)
             return row
 
+    def remove_unreferenced_packages(self) -> list[str]:
+        """Delete stored packages no row names, and temporary files a write left: what a
+        crash between storing a package and committing its row leaves (the service calls
+        this at start, holding the state directory). Returns the names removed."""
+        with self._lock:
+            used = {r[0] for r in self._db.execute("SELECT sha256 FROM plugins")}
+            removed: list[str] = []
+            for entry in os.scandir(self.packages_dir):
+                stem = entry.name.removesuffix(".forgepkg")
+                stray = entry.name.startswith(".") and entry.name.endswith(".tmp")
+                if stray or (entry.name.endswith(".forgepkg") and stem not in used):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                    removed.append(entry.name)
+            return removed
+
     def _drop_package_if_unused(self, sha256: str) -> None:
         used = self._db.execute("SELECT 1 FROM plugins WHERE sha256=?", (sha256,)).fetchone()
         if used is None:

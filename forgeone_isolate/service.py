@@ -465,6 +465,8 @@ class Service:
         self._lock_state_dir()  # before anything in it is read or cleaned up
         (cfg.state_dir / "audit").mkdir(exist_ok=True, mode=0o700)
         self.registry = Registry(cfg.state_dir)
+        for name in self.registry.remove_unreferenced_packages():
+            log.info("removed %s from the package store: no plugin names it", name)
         self.artifacts = ArtifactStore(cfg.state_dir / "artifacts")
         from forgeone_isolate.launch import io_device
 

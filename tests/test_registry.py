@@ -295,3 +295,19 @@ def test_dependency_problems_pure() -> None:
     assert dependency_problems("lib", Version.parse("2.0.0"), {}, installed) == [
         "app 1.0.0 depends on lib >=1.2.0 <2.0.0, not 2.0.0"
     ]
+
+
+def test_packages_no_row_names_are_removed_at_start(reg: Registry) -> None:
+    """A crash between storing a package and committing its row (or inside a write) leaves
+    a file nothing names: removed, and the named ones kept."""
+    _, row = install(reg, "kept", "1.0.0")
+    orphan = reg.package_path("c" * 64)
+    orphan.write_bytes(b"stored, never recorded")
+    stray = reg.packages_dir / f".{'d' * 64}.forgepkg.abc123.tmp"
+    stray.write_bytes(b"half")
+    removed = reg.remove_unreferenced_packages()
+    assert sorted(removed) == sorted([orphan.name, stray.name])
+    assert not orphan.exists()
+    assert not stray.exists()
+    assert reg.package_path(row.sha256).exists()
+    assert reg.remove_unreferenced_packages() == []
