@@ -1006,76 +1006,64 @@ def test_isolation_gaps_names_each_missing_layer() -> None:
     assert len(isolation_gaps({}, plan)) == 11  # nothing seen at all: every check fails
 
 
+class _CountingCgroup:
+    killed = 0
+
+    def kill(self, timeout: float = 1.0) -> None:
+        self.killed += 1
+
+
+@contextlib.contextmanager
+def _marker_supervisor(name: str) -> Iterator[tuple[Any, _CountingCgroup]]:
+    """A supervisor with no children, to feed setup markers to by hand."""
+    from forgeone_isolate import launch
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pc = _CountingCgroup()
+    with ours, theirs:
+        sup = launch._Supervisor(
+            make_plan(name),
+            launch.LaunchResult(),
+            None,  # type: ignore[arg-type]
+            pc,  # type: ignore[arg-type]
+            None,  # type: ignore[arg-type]
+            -1,
+            ours,
+            ours,
+            None,
+        )
+        try:
+            yield sup, pc
+        finally:
+            sup.sel.close()
+
+
 def test_a_setup_marker_said_twice_is_a_protocol_violation() -> None:
     """Each marker on the setup channel comes once. The keeper shares PID 1's memory, so a
     plugin that took it over could say more (a second EXITED, FILTERED...): the supervisor
     kills the sandbox instead of believing it."""
-    from forgeone_isolate import launch, markers
+    from forgeone_isolate import markers
 
-    class Cgroup:
-        killed = 0
-
-        def kill(self, timeout: float = 1.0) -> None:
-            self.killed += 1
-
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pc = Cgroup()
-    with ours, theirs:
-        sup = launch._Supervisor(
-            make_plan("twice"),
-            launch.LaunchResult(),
-            None,
-            pc,
-            None,
-            -1,
-            ours,
-            ours,
-            None,  # type: ignore[arg-type]
-        )
-        try:
-            assert sup._on_marker({"m": markers.EXITED, "status": 0})
-            assert sup.kill_reason is None
-            assert sup.pid1_status == 0
-            assert sup._on_marker({"m": markers.EXITED, "status": 256})
-            assert sup.kill_reason == "protocol violation on the setup channel"
-            assert sup.pid1_status == 0  # the second word was not taken
-            assert pc.killed == 1
-        finally:
-            sup.sel.close()
+    with _marker_supervisor("twice") as (sup, pc):
+        assert sup._on_marker({"m": markers.EXITED, "status": 0})
+        assert sup.kill_reason is None
+        assert sup.pid1_status == 0
+        assert sup._on_marker({"m": markers.EXITED, "status": 256})
+        assert sup.kill_reason == "protocol violation on the setup channel"
+        assert sup.pid1_status == 0  # the second word was not taken
+        assert pc.killed == 1
 
 
 def test_a_failed_step_said_after_the_filter_is_a_protocol_violation() -> None:
     """Every step is done once PID 1 is filtered: a STEP_FAILED after FILTERED comes from
     a plugin that took over PID 1 or its keeper (they share memory), to be believed over
     the kill that follows. It is refused, and no step failure is reported."""
-    from forgeone_isolate import launch, markers
+    from forgeone_isolate import markers
 
-    class Cgroup:
-        killed = 0
-
-        def kill(self, timeout: float = 1.0) -> None:
-            self.killed += 1
-
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pc = Cgroup()
-    with ours, theirs:
-        sup = launch._Supervisor(
-            make_plan("late-step"),
-            launch.LaunchResult(),
-            None,
-            pc,
-            None,
-            -1,
-            ours,
-            ours,
-            None,  # type: ignore[arg-type]
-        )
-        try:
-            sup.markers_seen.add(markers.FILTERED)  # (as once PID 1 said it)
-            step = {"m": markers.STEP_FAILED, "step": "seccomp", "errno": 1, "message": "x"}
-            assert sup._on_marker(step)
-            assert sup.kill_reason == "protocol violation on the setup channel"
-            assert sup.step_failed is None
-            assert pc.killed == 1
-        finally:
-            sup.sel.close()
+    with _marker_supervisor("late-step") as (sup, pc):
+        sup.markers_seen.add(markers.FILTERED)  # (as once PID 1 said it)
+        step = {"m": markers.STEP_FAILED, "step": "seccomp", "errno": 1, "message": "x"}
+        assert sup._on_marker(step)
+        assert sup.kill_reason == "protocol violation on the setup channel"
+        assert sup.step_failed is None
+        assert pc.killed == 1
