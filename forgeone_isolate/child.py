@@ -164,7 +164,7 @@ def sandbox_sequence(
     Raises: StepFailed naming the step.
     """
     with step("pdeathsig"):
-        k.set_pdeathsig(signal.SIGKILL)  # die with the keeper, which dies with the supervisor
+        k.set_pdeathsig(signal.SIGKILL)  # die with the supervisor, our parent (CLONE_PARENT)
     with step("mounts"):
         mounts.setup_empty_root(k, plan.scratch_mount)  # needs CAP_SYS_ADMIN: before caps
     with step("hostname"):

@@ -56,7 +56,8 @@ from forgeone_isolate.uidpool import default_lease_dir, lease_uid
 DEFAULT_STATE_DIR = Path("/var/lib/forgeone")
 SETUP_DEADLINE_S = 15.0
 #: how long the keeper may take to report PID 1's end once PID 1's broker channel closed
-KEEPER_EXIT_S = 5.0
+#: how long PID 1 may outlive its broker channel before it is killed
+PID1_EXIT_S = 5.0
 MAX_KEPT_LOGS = 1000
 #: room for a few descriptors: anything the child sends is counted, closed and refused
 _ANCILLARY_SPACE = socket.CMSG_SPACE(16 * 4)
@@ -246,6 +247,9 @@ def run_plan(
             _kill_and_reap(keeper)
         if sup is not None:
             sup.sel.close()  # (run() closes it too; closing twice is harmless)
+            if sup.pid1 > 0 and sup.pid1_status is None:  # (run() did not get to reap it)
+                sup.kill(sup.kill_reason or "setup failed")
+                sup.reap_pid1()
         with contextlib.suppress(Exception):
             pc.kill()
         # Every step below runs whatever an earlier one raised (a veth the kernel would not
@@ -525,17 +529,29 @@ class _Supervisor:
                     elif key.data == "brk" and not self._on_broker():
                         sel.unregister(self.brk)
                         brk_open = False
-                        # PID 1 is gone: its keeper reports and ends at once, or is made to.
-                        self.deadline = min(self.deadline, time.monotonic() + KEEPER_EXIT_S)
-                        self.deadline_reason = "the keeper did not end with PID 1"
+                        # PID 1 has gone, or closed its channel: it ends at once, or is made to.
+                        self.deadline = min(self.deadline, time.monotonic() + PID1_EXIT_S)
+                        self.deadline_reason = "PID 1 did not end with its broker channel"
                     elif key.data == "cmd":
                         self._dispatch_command()
         sel.close()
-        _, status = os.waitpid(self.keeper, 0)
+        _, status = os.waitpid(self.keeper, 0)  # (it ended right after PID1)
+        self.reap_pid1()
+        self._conclude(status)
+
+    def reap_pid1(self) -> None:
+        """Wait for PID 1, our child (the keeper made it with CLONE_PARENT), and keep its
+        wait status: from the kernel, whatever the channel said. One that outlives its
+        channels by PID1_EXIT_S is killed first. Idempotent; nothing when there was none."""
+        if self.pid1 <= 0 or self.pid1_status is not None:
+            return
+        if self.pid1_fd >= 0 and not select.select([self.pid1_fd], [], [], PID1_EXIT_S)[0]:
+            self.kill(self.deadline_reason or "PID 1 did not end with its broker channel")
+        with contextlib.suppress(ChildProcessError):  # (not ours after all: nothing known)
+            _, self.pid1_status = os.waitpid(self.pid1, 0)
         if self.pid1_fd >= 0:
             os.close(self.pid1_fd)
             self.pid1_fd = -1
-        self._conclude(status)
 
     def _setup_network(self) -> None:
         """Parent: the plugin's shaped veth, and net_connect sockets made in its namespace."""
@@ -549,9 +565,10 @@ class _Supervisor:
         self.link = netns.setup_plugin_link(
             self.keeper, self.plan.instance_id[:8], host_addr, child_addr, prefix, self.plan.net_bps
         )
-        keeper = self.keeper
+        # (by PID 1's pid: the keeper is gone by the time the plugin calls; PID 1, our
+        # child, keeps its pid until we reap it)
         self.broker.connector = lambda addr, port, timeout: netns.connect_in_netns(
-            keeper, addr, port, timeout
+            self.pid1, addr, port, timeout
         )
         self.result.network = {
             "host_if": self.link.host_ifname,
@@ -741,8 +758,6 @@ class _Supervisor:
             self._mark("observed_ms")
             self.deadline = time.monotonic() + self.plan.timeout_s
             self._send_marker(markers.OBSERVED)
-        elif m == markers.EXITED and isinstance(msg.get("status"), int):
-            self.pid1_status = int(msg["status"])
         else:
             self.kill("protocol violation on the setup channel")
         return True

@@ -18,10 +18,12 @@ strictly in this order::
     plugin  -> parent  FILTERED {steps}         every layer applied (PID 1 then instantiates
                                                 the module while the parent observes)
     parent  -> plugin  OBSERVED                 parent has read /proc/<pid>; run the lifecycle
-    keeper  -> parent  EXITED {status}          wait status of PID 1
 
-"keeper" is the first child (outside the new PID namespace, it unshares and waits);
-"plugin" is PID 1 of the new PID namespace, which builds the sandbox and runs wasmtime.
+"keeper" is the first child (outside the new PID namespace): it unshares, makes PID 1 as
+the parent's own child (CLONE_PARENT), reports its pid and exits. "plugin" is PID 1 of the
+new PID namespace, which builds the sandbox and runs wasmtime; the parent reaps it and so
+has its wait status from the kernel (nothing on this channel says how PID 1 ended: the
+keeper shared PID 1's memory, and a plugin that took PID 1 over could make it say anything).
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ PLACED: Final = "PLACED"
 STEP_FAILED: Final = "STEP_FAILED"
 FILTERED: Final = "FILTERED"
 OBSERVED: Final = "OBSERVED"
-EXITED: Final = "EXITED"
 MAX_MESSAGE: Final = 4096
 
 # Exit statuses of the children (both distinct from a plugin's 0/1).

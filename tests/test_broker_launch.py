@@ -1039,18 +1039,35 @@ def _marker_supervisor(name: str) -> Iterator[tuple[Any, _CountingCgroup]]:
 
 
 def test_a_setup_marker_said_twice_is_a_protocol_violation() -> None:
-    """Each marker on the setup channel comes once. The keeper shares PID 1's memory, so a
-    plugin that took it over could say more (a second EXITED, FILTERED...): the supervisor
+    """Each marker on the setup channel comes once. The keeper shared PID 1's memory, so a
+    plugin that took it over could say more (a second UNSHARED, PID1...): the supervisor
     kills the sandbox instead of believing it."""
     from forgeone_isolate import markers
 
-    with _marker_supervisor("twice") as (sup, pc):
-        assert sup._on_marker({"m": markers.EXITED, "status": 0})
-        assert sup.kill_reason is None
-        assert sup.pid1_status == 0
-        assert sup._on_marker({"m": markers.EXITED, "status": 256})
+    stand_in = subprocess.Popen(["sleep", "30"])  # a "PID 1" the violation may kill
+    try:
+        with _marker_supervisor("twice") as (sup, pc):
+            assert sup._on_marker({"m": markers.PID1, "pid": stand_in.pid})
+            assert sup.kill_reason is None
+            assert sup.pid1 == stand_in.pid
+            assert sup._on_marker({"m": markers.PID1, "pid": 1})
+            assert sup.kill_reason == "protocol violation on the setup channel"
+            assert sup.pid1 == stand_in.pid  # the second word was not taken
+            assert pc.killed == 1
+            assert stand_in.wait(10) == -signal.SIGKILL  # (through the pidfd held)
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
+def test_no_marker_says_how_pid1_ended() -> None:
+    """PID 1's wait status is the supervisor's own (it reaps PID 1): an EXITED on the
+    setup channel, which the keeper once sent, now only comes from a plugin that took
+    PID 1 over, and is a protocol violation."""
+    with _marker_supervisor("exited") as (sup, pc):
+        assert sup._on_marker({"m": "EXITED", "status": 0})
         assert sup.kill_reason == "protocol violation on the setup channel"
-        assert sup.pid1_status == 0  # the second word was not taken
+        assert sup.pid1_status is None
         assert pc.killed == 1
 
 

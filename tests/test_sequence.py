@@ -329,6 +329,8 @@ class KeeperRun:
     status: int  # the keeper's wait status
     keeper_cgroup: str  # its cgroup v2 path, read while it waited for MAPPED
     placed: bool  # fork_keeper said it was born in the cgroup directory given
+    pid1_parent: int = 0  # PID 1's parent, read in /proc (the keeper made it ours)
+    pid1_status: int | None = None  # PID 1's wait status: ours to reap
 
 
 def _v2_cgroup(pid: int | str) -> str:
@@ -414,11 +416,16 @@ def _run_keeper(
                 run.keeper_cgroup = _v2_cgroup(keeper)
                 ns.parent_write_id_maps(keeper, HOST_UID, HOST_UID)
                 markers.send(ctl_parent, reply)
-            elif msg["m"] in (markers.EXITED, markers.STEP_FAILED):
+            elif msg["m"] == markers.STEP_FAILED:
                 break
         if select.select([brk_parent], [], [], 2.0)[0]:
             data = brk_parent.recv(1 << 16)
             run.report = json.loads(data) if data else {}
+        pid1 = next((m["pid"] for m in run.got if m["m"] == markers.PID1), None)
+        if pid1 is not None:  # our child (CLONE_PARENT), alive or a zombie until reaped
+            with open(f"/proc/{pid1}/status") as f:
+                run.pid1_parent = int(next(ln for ln in f if ln.startswith("PPid:")).split()[1])
+            _, run.pid1_status = os.waitpid(pid1, 0)
         finished = True
     finally:
         if not finished:
@@ -444,7 +451,9 @@ def test_keeper_unshares_is_mapped_forks_pid1_and_reports_its_status() -> None:
     assert run.placed is False  # no cgroup directory given
     assert os.WIFEXITED(status)
     assert os.WEXITSTATUS(status) == 0
-    assert [m["m"] for m in got] == [markers.UNSHARED, markers.PID1, markers.EXITED]
+    assert [m["m"] for m in got] == [markers.UNSHARED, markers.PID1]
+    # PID 1 is our child (the keeper made it with CLONE_PARENT): its status is ours to reap
+    assert run.pid1_parent == os.getpid()
     # PID 1 of the new PID namespace, root there (mapped to HOST_UID), without the
     # parent's ends of the channels; the keeper's step timings came along.
     assert report["pid"] == 1
@@ -456,8 +465,9 @@ def test_keeper_unshares_is_mapped_forks_pid1_and_reports_its_status() -> None:
     }
     assert all(v >= 0 for v in report["steps"].values())
     assert got[1]["pid"] > 1  # its pid on the host
-    assert os.WIFEXITED(got[2]["status"])
-    assert os.WEXITSTATUS(got[2]["status"]) == 5
+    assert run.pid1_status is not None
+    assert os.WIFEXITED(run.pid1_status)
+    assert os.WEXITSTATUS(run.pid1_status) == 5
 
 
 @pytest.mark.requires_root
@@ -551,7 +561,7 @@ def test_keeper_is_born_in_a_cgroup_v2_directory_and_pid1_with_it() -> None:
     assert run.report["cgroup"] == relative
     assert os.WIFEXITED(run.status)
     assert os.WEXITSTATUS(run.status) == 0
-    assert [m["m"] for m in run.got] == [markers.UNSHARED, markers.PID1, markers.EXITED]
+    assert [m["m"] for m in run.got] == [markers.UNSHARED, markers.PID1]
 
 
 def _under_the_keeper_filter(action: str) -> tuple[int, bytes]:
@@ -587,7 +597,7 @@ def _under_the_keeper_filter(action: str) -> tuple[int, bytes]:
             elif action == "write other":
                 libc.syscall(sys_write, other_w, msg, 2)
             elif action == "wait4":
-                libc.syscall(sys_wait4, -1, None, 0, None)  # ECHILD: allowed, answered
+                libc.syscall(sys_wait4, -1, None, 0, None)  # (refused: it has no child)
             elif action == "getpid":
                 libc.syscall(sys_getpid)
         finally:
@@ -610,18 +620,18 @@ def _under_the_keeper_filter(action: str) -> tuple[int, bytes]:
     ("action", "allowed"),
     [
         ("write ctl", True),
-        ("wait4", True),
+        ("wait4", False),  # (PID 1 is not its child: the supervisor reaps it)
         ("write ctl, high bits", False),
         ("write other", False),
         ("getpid", False),
     ],
 )
-def test_the_keepers_own_filter_allows_its_channel_wait_and_exit_only(
+def test_the_keepers_own_filter_allows_its_channel_and_exit_only(
     action: str, allowed: bool
 ) -> None:
-    """The keeper shares PID 1's memory, so its filter is what holds a keeper a plugin
-    might steer: write to its setup channel only (all 64 bits of the fd compared), wait,
-    exit. Loaded here in a child of the test's own, as the kernel runs it."""
+    """The keeper shares PID 1's memory until it exits, so its filter is what holds a
+    keeper a plugin might steer: write to its setup channel only (all 64 bits of the fd
+    compared), exit. Loaded here in a child of the test's own, as the kernel runs it."""
     status, said = _under_the_keeper_filter(action)
     if allowed:
         assert os.WIFEXITED(status), status

@@ -2,8 +2,9 @@
  * The keeper: the first child of a launch, in C.
  *
  * fork_keeper() forks the keeper, which leaves the host's namespaces, waits for the parent
- * to write its uid/gid maps, makes PID 1 of the new PID namespace, then waits for it and
- * reports its wait status. PID 1 returns from fork_keeper() with 0 and goes on in Python
+ * to write its uid/gid maps, makes PID 1 of the new PID namespace as the parent's child
+ * (CLONE_PARENT: the parent reaps it), reports its pid and exits. PID 1 returns from
+ * fork_keeper() with 0 and goes on in Python
  * (child._plugin_main); the parent gets the keeper's pid. The keeper itself never returns to
  * Python: it runs these few system calls and nothing else.
  *
@@ -20,7 +21,7 @@
  *
  * The setup channel's messages are the ones markers.py documents, written here as the
  * same JSON (json.dumps of {"m": MARKER, ...}): UNSHARED, STEP_FAILED {step, errno,
- * message}, PID1 {pid}, EXITED {status}; it accepts exactly {"m": "MAPPED"} in reply.
+ * message}, PID1 {pid}; it accepts exactly {"m": "MAPPED"} in reply.
  * Exit statuses are markers.EXIT_*.
  */
 #define PY_SSIZE_T_CLEAN
@@ -222,7 +223,7 @@ static void raw_say_int(int fd, const char *head, long value) {
 }
 
 /* The keeper's own seccomp filter, loaded once PID 1 exists: it may write to its setup
- * channel, wait for PID 1 and exit; anything else kills it. It shares PID 1's memory, so
+ * channel and exit; anything else kills it. It shares PID 1's memory, so
  * a plugin that got code execution there could steer the keeper: this leaves it less than
  * PID 1's own filter allows, and no capability (see keeper_tail). */
 #define FO_BPF_LD_W_ABS 0x20
@@ -239,7 +240,7 @@ struct fo_sock_fprog {
     unsigned short len;
     struct fo_sock_filter *filter;
 };
-#define FO_KEEPER_FILTER_LEN 14
+#define FO_KEEPER_FILTER_LEN 13
 static void keeper_filter_for(struct fo_sock_filter *f, int ctl) {
     /* (a jump's jt/jf count the instructions it skips) */
     struct fo_sock_filter prog[FO_KEEPER_FILTER_LEN] = {
@@ -247,16 +248,15 @@ static void keeper_filter_for(struct fo_sock_filter *f, int ctl) {
         /* 1 */ {FO_BPF_JEQ_K, 1, 0, FO_AUDIT_ARCH},
         /* 2 */ {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_KILL_PROCESS},
         /* 3 */ {FO_BPF_LD_W_ABS, 0, 0, 0}, /* seccomp_data.nr (an x32 number never matches) */
-        /* 4 */ {FO_BPF_JEQ_K, 3, 0, SYS_write},      /* -> 8 */
-        /* 5 */ {FO_BPF_JEQ_K, 6, 0, SYS_wait4},      /* -> 12 */
-        /* 6 */ {FO_BPF_JEQ_K, 5, 0, SYS_exit_group}, /* -> 12 */
-        /* 7 */ {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_KILL_PROCESS},
-        /* 8 */ {FO_BPF_LD_W_ABS, 0, 0, 16}, /* write: args[0], its low half (little-endian) */
-        /* 9 */ {FO_BPF_JEQ_K, 0, 3, (uint32_t)ctl},  /* -> 10, else 13 */
-        /* 10 */ {FO_BPF_LD_W_ABS, 0, 0, 20},         /* and its high half: all 64 bits */
-        /* 11 */ {FO_BPF_JEQ_K, 0, 1, 0},             /* -> 12, else 13 */
-        /* 12 */ {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_ALLOW},
-        /* 13 */ {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_KILL_PROCESS},
+        /* 4 */ {FO_BPF_JEQ_K, 2, 0, SYS_write},      /* -> 7 */
+        /* 5 */ {FO_BPF_JEQ_K, 5, 0, SYS_exit_group}, /* -> 11 */
+        /* 6 */ {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_KILL_PROCESS},
+        /* 7 */ {FO_BPF_LD_W_ABS, 0, 0, 16}, /* write: args[0], its low half (little-endian) */
+        /* 8 */ {FO_BPF_JEQ_K, 0, 3, (uint32_t)ctl},  /* -> 9, else 12 */
+        /* 9 */ {FO_BPF_LD_W_ABS, 0, 0, 20},          /* and its high half: all 64 bits */
+        /* 10 */ {FO_BPF_JEQ_K, 0, 1, 0},             /* -> 11, else 12 */
+        /* 11 */ {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_ALLOW},
+        /* 12 */ {FO_BPF_RET_K, 0, 0, FO_SECCOMP_RET_KILL_PROCESS},
     };
     memcpy(f, prog, sizeof prog);
 }
@@ -312,7 +312,7 @@ static void rseq_take(void) {
 }
 
 static int pid1_boot(void *unused) {
-    raw4(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0); /* at once: it dies with the keeper */
+    raw4(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0); /* at once: dies with its parent */
     rseq_take();
     setcontext(&pid1_ctx); /* returns only if it failed */
     return EXIT_SETUP_FAILED;
@@ -335,8 +335,11 @@ static void keeper_tail(void) {
     struct fo_cap_data none[2];
     memset(none, 0, sizeof none);
     rseq_drop();
-    long pid1 = clone(pid1_boot, pid1_boot_stack + sizeof pid1_boot_stack, CLONE_VM | SIGCHLD,
-                      NULL);
+    /* CLONE_PARENT: PID 1 is the supervisor's child, not ours; the supervisor reaps it and
+     * has its wait status from the kernel, not through this process, whose memory PID 1
+     * shares (a plugin that took PID 1 over could rewrite what the keeper would say). */
+    long pid1 = clone(pid1_boot, pid1_boot_stack + sizeof pid1_boot_stack,
+                      CLONE_VM | CLONE_PARENT | SIGCHLD, NULL);
     if (pid1 < 0)
         fail(ctl, "fork-pid1", errno); /* (PID 1 does not exist: nobody shares errno yet) */
     /* Confined before the PID1 marker, so before PID 1 is PLACED and long before any plugin
@@ -360,12 +363,8 @@ static void keeper_tail(void) {
     if ((r = raw4(SYS_prctl, PR_SET_SECCOMP, 2 /* SECCOMP_MODE_FILTER */, (long)&prog, 0)) != 0)
         confine_failed(ctl, pid1, r);
     raw_say_int(ctl, "{\"m\": \"PID1\", \"pid\": ", pid1);
-    int status = 0;
-    while ((r = raw4(SYS_wait4, pid1, (long)&status, 0, 0)) < 0) {
-        if (r != -EINTR)
-            raw4(SYS_exit_group, EXIT_PROTOCOL, 0, 0, 0);
-    }
-    raw_say_int(ctl, "{\"m\": \"EXITED\", \"status\": ", status);
+    /* Done: PID 1 is the supervisor's to watch. Gone at once, so that nothing of ours runs
+     * in the memory PID 1 shares once plugin code may (after FILTERED, long after this). */
     raw4(SYS_exit_group, 0, 0, 0, 0);
     __builtin_unreachable();
 }
