@@ -8,8 +8,9 @@ Glossary:
   (``signing``). The **trust store** lists the signers an operator accepts.
 - **plan** (``SandboxPlan``): everything a launch will do, decided before anything runs
   (``plan``); ``launch --dry-run`` prints one.
-- **keeper**: the first child; it unshares the namespaces and waits for **PID 1**, the
-  second child, which builds the rest of the sandbox and runs the guest (``child``).
+- **keeper**: the first child; it unshares the namespaces, makes **PID 1** as the
+  parent's own child (the parent reaps it) and exits; PID 1 builds the rest of the
+  sandbox and runs the guest (``child``).
 - **broker**: the parent's judge of every request the guest makes over the socketpair
   (``broker``, ``protocol``).
 - **guest**: the plugin's WebAssembly module running in wasmtime (``guest``, ``wasm``).
