@@ -393,7 +393,7 @@ def verify(path: Path) -> VerifyResult:
     n = 0
     before = 0  # records in the files rotated away before this one
     note = ""
-    with os.fdopen(_open_for_verify(path), "rb") as f:
+    with os.fdopen(open_log(path), "rb") as f:
         while True:
             raw = f.readline(MAX_LINE_BYTES + 1)
             if not raw:
@@ -406,7 +406,7 @@ def verify(path: Path) -> VerifyResult:
                     link = _check_link(path, prev)
                     if link is not None:
                         return VerifyResult(False, 0, 1, link)
-                    note = f" (continuing {path.name}.1 after record {before})"
+                    note = f" (continuing {_predecessor(path).name} after record {before})"
             bad = _check_line(raw, n + before, prev)
             if bad is not None:
                 return VerifyResult(False, n - 1, n, bad)
@@ -429,10 +429,20 @@ def _rotation_start(raw: bytes) -> tuple[int, str] | None:
     return seq - 1, prev
 
 
+def _predecessor(path: Path) -> Path:
+    """The file rotated away just before ``path``: ``<name>.1`` for the log itself,
+    ``<name>.k+1`` for ``<name>.k``."""
+    stem, dot, k = path.name.rpartition(".")
+    if dot and k.isdigit() and stem:
+        return path.with_name(f"{stem}.{int(k) + 1}")
+    return _rotated(path, 1)
+
+
 def _check_link(path: Path, prev: str) -> str | None:
-    """Whether ``<name>.1``, when kept, ends with the line ``prev`` names."""
+    """Whether the file before ``path``, when kept, ends with the line ``prev`` names."""
+    older = _predecessor(path)
     try:
-        fd = _open_for_verify(_rotated(path, 1))
+        fd = open_log(older)
     except FileNotFoundError:
         return None  # rotated away for good: the chain is checked from here
     with os.fdopen(fd, "rb") as f:
@@ -443,11 +453,11 @@ def _check_link(path: Path, prev: str) -> str | None:
     cut = tail.rfind(b"\n", 0, len(tail) - 1)
     last = tail[cut + 1 :]
     if not last.endswith(b"\n") or _sha256(last[:-1]) != prev:
-        return f"the rotation record's prev is not the last line of {path.name}.1"
+        return f"the rotation record's prev is not the last line of {older.name}"
     return None
 
 
-def _open_for_verify(path: Path) -> int:
+def open_log(path: Path) -> int:
     """A read-only descriptor on the regular file at ``path``, the link itself not followed.
 
     Raises: OSError, with a plain reason for a symbolic link or a non-regular file.
@@ -516,6 +526,7 @@ __all__ = [
     "AuditLog",
     "VerifyResult",
     "canonical",
+    "open_log",
     "seal",
     "summarize",
     "verify",

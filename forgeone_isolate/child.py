@@ -2,8 +2,8 @@
 
 The keeper (first fork, in C: ``_sys/_keeper.c``, started by :func:`fork_children`) leaves
 the host's namespaces, waits for the parent to map its ids, makes PID 1 of the new PID
-namespace (a clone sharing its memory) and waits for it (the parent moves it into the
-plugin's cgroup meanwhile).
+namespace (a clone sharing its memory, the parent's own child: CLONE_PARENT), reports its
+pid and exits; the parent reaps both.
 ``sandbox_sequence`` (in PID 1): every remaining layer, in order, each step named so a
 failure reports ``(step, errno, message)``; halfway, it waits to be placed in its cgroup
 (READY/PLACED) and roots a cgroup namespace there; seccomp is last because once it is
@@ -88,7 +88,7 @@ def fork_children(
     cgroup_fd: int = -1,
 ) -> tuple[int, bool]:
     """Fork the keeper (in C: ``_sys/_keeper.c``), which unshares, is mapped, clones PID 1
-    and waits for it. Returns the keeper's pid and whether it was born in the cgroup v2
+    as our child and exits. Returns the keeper's pid and whether it was born in the cgroup v2
     directory ``cgroup_fd`` (-1: none; then the parent attaches it); in PID 1, runs the
     sandbox and never returns.
 

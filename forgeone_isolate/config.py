@@ -52,6 +52,7 @@ from typing import Any, Final, NoReturn
 
 from forgeone_isolate.errors import PolicyError
 from forgeone_isolate.manifest import shown_number
+from forgeone_isolate.netns import AddressPool
 from forgeone_isolate.policy import (
     KeyPath,
     index_key_lines,
@@ -220,7 +221,7 @@ class _Loader:
             self.fail(("restart", "backoff_cap_s"), f"must be at least backoff_base_s ({base})")
         max_plugins = self.integer(("max_plugins",), doc, d.max_plugins, 1, 100_000)
         pool = self.network(tables["network"])
-        links = 1 << (30 - pool.prefixlen)  # a /30 per plugin granted the network
+        links = AddressPool(pool).capacity  # a /30 per plugin granted the network
         if links < max_plugins:
             self.fail(
                 ("network", "address_pool"),

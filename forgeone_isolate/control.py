@@ -42,7 +42,7 @@ from typing import Any, Final
 
 from forgeone_isolate.config import DEFAULT_SOCKET
 from forgeone_isolate.errors import EXIT_BAD_INPUT, EXIT_PLUGIN_FAILED, IsolateError
-from forgeone_isolate.manifest import NAME_RE
+from forgeone_isolate.manifest import NAME_RE, refusing_duplicate_keys
 from forgeone_isolate.package import MAX_PACKAGE_BYTES
 
 #: a request line, newline included: a base64 package of MAX_PACKAGE_BYTES and room to spare
@@ -162,13 +162,9 @@ def _check_shape(text: str) -> None:
             return
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:  # which one would count is a parser's choice: refuse the doubt
-            raise RequestError(f"request gives the field {key[:40]!r} twice")
-        out[key] = value
-    return out
+_no_duplicates = refusing_duplicate_keys(
+    lambda key: RequestError(f"request gives the field {key[:40]!r} twice")
+)
 
 
 def parse_request(line: bytes) -> Request:

@@ -55,7 +55,6 @@ from forgeone_isolate.uidpool import default_lease_dir, lease_uid
 
 DEFAULT_STATE_DIR = Path("/var/lib/forgeone")
 SETUP_DEADLINE_S = 15.0
-#: how long the keeper may take to report PID 1's end once PID 1's broker channel closed
 #: how long PID 1 may outlive its broker channel before it is killed
 PID1_EXIT_S = 5.0
 MAX_KEPT_LOGS = 1000
@@ -210,6 +209,7 @@ def run_plan(
     brk_parent, brk_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     devnull = os.open("/dev/null", os.O_RDWR)
     keeper = -1
+    ran_through = False  # the run ended without raising (then a cleanup error is raised)
     sup: _Supervisor | None = None
     own_affinity = os.sched_getaffinity(0)
     # Built once here, before the fork, so PID 1 only loads it.
@@ -242,14 +242,16 @@ def run_plan(
         devnull = -1
         sup.run()
         keeper = -1
+        ran_through = True
     finally:
-        if keeper > 0:
-            _kill_and_reap(keeper)
         if sup is not None:
             sup.sel.close()  # (run() closes it too; closing twice is harmless)
-            if sup.pid1 > 0 and sup.pid1_status is None:  # (run() did not get to reap it)
-                sup.kill(sup.kill_reason or "setup failed")
+            if keeper > 0 and (sup.keeper_status is None or sup.pid1_status is None):
+                sup.kill(sup.kill_reason or "setup failed")  # (run() did not get to reap)
+                sup.reap_keeper()
                 sup.reap_pid1()
+        elif keeper > 0:
+            _kill_and_reap(keeper)
         with contextlib.suppress(Exception):
             pc.kill()
         # Every step below runs whatever an earlier one raised (a veth the kernel would not
@@ -279,7 +281,7 @@ def run_plan(
             os.close(devnull)
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, own_affinity)  # _share_one_cpu pinned us for the run
-        if cleanup_error is not None and sys.exc_info()[1] is None:
+        if cleanup_error is not None and ran_through:
             raise cleanup_error  # (an error already on its way out is the one to report)
     result.broker = {
         "allowed": broker.stats.allowed,
@@ -352,8 +354,8 @@ def isolation_gaps(iso: dict[str, Any], plan: SandboxPlan) -> list[str]:
     Checked before PID 1 may run any lifecycle export and before any call of the guest
     (a wasm start function runs at instantiation) is heard: every namespace of the plan
     unshared, seccomp in filter mode, no_new_privs set, no capability in any set, and
-    uid/gid 0 mapped to the plan's host ids only; and the keeper (which shares PID 1's
-    memory) filtered, no_new_privs, without capabilities.
+    uid/gid 0 mapped to the plan's host ids only; and the keeper (which shared PID 1's
+    memory until it ended, as seen then) filtered, no_new_privs, without capabilities.
     """
     gaps: list[str] = []
     seen = iso.get("namespaces", {})
@@ -364,7 +366,7 @@ def isolation_gaps(iso: dict[str, Any], plan: SandboxPlan) -> list[str]:
     for key, host_id in (("uid_map", plan.host_uid), ("gid_map", plan.host_gid)):
         if iso.get(key) != ["0", str(host_id), "1"]:
             gaps.append(f"{key} {' '.join(iso.get(key) or []) or '?'}, not 0 {host_id} 1")
-    # The keeper shares PID 1's memory: it must be confined at least as tightly.
+    # The keeper shared PID 1's memory: it had to be confined at least as tightly.
     keeper = iso.get("keeper")
     if not isinstance(keeper, dict):
         gaps.append("keeper not observed")
@@ -464,6 +466,8 @@ class _Supervisor:
         self.on_observed = on_observed
         self.pid1 = -1
         self.pid1_fd = -1  # a pidfd on PID 1, from its PID1 marker on
+        self.keeper_status: int | None = None  # once reaped (at the PID1 marker, or at the end)
+        self.keeper_seen: dict[str, Any] | None = None  # its confinement, seen at PID1
         self.keeper_placed = False  # born in the plugin's cgroup (v2: CLONE_INTO_CGROUP)
         self.vm_size = 0
         self.link: Any = None  # netns.PluginLink once set up
@@ -496,9 +500,12 @@ class _Supervisor:
         elif self.pid1 > 0 and self.pid1_status is None:  # (no pidfd: a kernel before 5.3)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid1, signal.SIGKILL)
-        if self.keeper > 0:  # our child: its pid is ours until we reap it
+        if self.keeper > 0 and self.keeper_status is None:  # ours until we reap it
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.keeper, signal.SIGKILL)
+        if self.pid1 <= 0:  # a PID 1 we do not know yet waits for PLACED: EOF ends it
+            with contextlib.suppress(OSError):
+                self.ctl.shutdown(socket.SHUT_WR)
         with contextlib.suppress(Exception):
             self.pc.kill(timeout=1.0)
 
@@ -535,9 +542,14 @@ class _Supervisor:
                     elif key.data == "cmd":
                         self._dispatch_command()
         sel.close()
-        _, status = os.waitpid(self.keeper, 0)  # (it ended right after PID1)
+        self.reap_keeper()
         self.reap_pid1()
-        self._conclude(status)
+        self._conclude(self.keeper_status or 0)
+
+    def reap_keeper(self) -> None:
+        """Wait for the keeper (it ends right after PID1, or failing); keep its status."""
+        if self.keeper > 0 and self.keeper_status is None:
+            _, self.keeper_status = os.waitpid(self.keeper, 0)
 
     def reap_pid1(self) -> None:
         """Wait for PID 1, our child (the keeper made it with CLONE_PARENT), and keep its
@@ -545,8 +557,18 @@ class _Supervisor:
         channels by PID1_EXIT_S is killed first. Idempotent; nothing when there was none."""
         if self.pid1 <= 0 or self.pid1_status is not None:
             return
-        if self.pid1_fd >= 0 and not select.select([self.pid1_fd], [], [], PID1_EXIT_S)[0]:
-            self.kill(self.deadline_reason or "PID 1 did not end with its broker channel")
+        reason = self.deadline_reason or "PID 1 did not end with its broker channel"
+        if self.pid1_fd >= 0:
+            if not select.select([self.pid1_fd], [], [], PID1_EXIT_S)[0]:
+                self.kill(reason)
+        else:  # (no pidfd: a kernel before 5.3) polled, to the same bound
+            deadline = time.monotonic() + PID1_EXIT_S
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(self.pid1, os.WNOHANG)[0] == 0:
+                    if time.monotonic() >= deadline:
+                        self.kill(reason)
+                        break
+                    time.sleep(0.01)
         with contextlib.suppress(ChildProcessError):  # (not ours after all: nothing known)
             _, self.pid1_status = os.waitpid(self.pid1, 0)
         if self.pid1_fd >= 0:
@@ -684,10 +706,18 @@ class _Supervisor:
             self._mark("keeper_attached_ms")
         elif m == markers.PID1 and isinstance(msg.get("pid"), int) and self.pid1 <= 0:
             self.pid1 = int(msg["pid"])
-            # Held from now on: PID 1 is the keeper's child, not ours, so its pid may be
-            # reaped and reused while we still have reason to signal it; a pidfd may not.
+            # Our child (the keeper made it with CLONE_PARENT): a pidfd to wait on it with a
+            # bound (reap_pid1) and to signal it.
             with contextlib.suppress(OSError):
                 self.pid1_fd = os.pidfd_open(self.pid1)
+            # The keeper exits right after saying this: seen from outside now (a confined
+            # zombie) and reaped, so it is gone before PID 1 is placed, let alone before any
+            # plugin byte runs in the memory they shared.
+            self.keeper_seen = observe.confinement(self.keeper)
+            self.reap_keeper()
+            if self.kill_reason is not None:  # killed before we knew PID 1: it goes too
+                self.kill(self.kill_reason)
+                return True
             self._mark("pid1_ms")
             # PID 1's address space size, for its RLIMIT_AS (it has no /proc once pivoted):
             # read now, while it sets up, off its path. What it maps later fits the headroom.
@@ -705,8 +735,8 @@ class _Supervisor:
             for early in held:
                 self._on_marker(early)
         elif m == markers.STEP_FAILED and markers.FILTERED in self.markers_seen:
-            # every step is done once PID 1 is filtered: only a plugin that took over PID 1
-            # or the keeper (they share memory) says this now, to be believed over a kill
+            # every step is done once PID 1 is filtered: only a plugin that took PID 1 over
+            # (its start function runs while the channel is still open) says this now
             self.kill("protocol violation on the setup channel")
         elif m == markers.STEP_FAILED:
             err = msg.get("errno")
@@ -735,7 +765,7 @@ class _Supervisor:
                     if isinstance(v, int | float)
                 }
             self.result.isolation = observe.observe(self.pid1)
-            self.result.isolation["keeper"] = observe.confinement(self.keeper)
+            self.result.isolation["keeper"] = self.keeper_seen
             gaps = isolation_gaps(self.result.isolation, self.plan)
             if self.kill_reason is not None:
                 return True  # killed while we looked (a SIGTERM's handler ran): see above
@@ -822,18 +852,9 @@ class _Supervisor:
             if self.kill_reason == "setup timeout":
                 raise SetupError("setup", 0, "the sandbox did not come up in time")
             return
-        # The kernel's own record of a seccomp kill outweighs the exit status: that comes
-        # through the keeper, whose memory PID 1 shares, and a plugin that took PID 1 over
-        # could rewrite it (or say nothing) to hide the kill. (What the witness holds now:
-        # the record is written before PID 1 dies, so it is there but for kauditd's delay.)
-        if status is None or not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS):
-            killed_by = self.witness.syscall_for(self.pid1, wait_s=0.0) if self.pid1 > 0 else None
-            if killed_by is not None:
-                r.status, r.reason = "killed", f"seccomp: {killed_by} (not as its keeper reported)"
-                return
         if status is None:
             raise SetupError(
-                "keeper", 0, f"the keeper ended without a report ({_describe(keeper_status)})"
+                "keeper", 0, f"the keeper ended before PID 1 existed ({_describe(keeper_status)})"
             )
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -161,13 +161,24 @@ def check_depth(data: bytes, max_depth: int = MAX_DEPTH) -> None:
             depth -= 1
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ManifestError(f"manifest: duplicate key {key!r}")
-        out[key] = value
-    return out
+def refusing_duplicate_keys(
+    refuse: Callable[[str], Exception],
+) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A ``json.loads`` ``object_pairs_hook`` that raises ``refuse(key)`` for a key given
+    twice in one object (which one would count is a parser's choice: refuse the doubt)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise refuse(key)
+            out[key] = value
+        return out
+
+    return hook
+
+
+_no_duplicates = refusing_duplicate_keys(lambda k: ManifestError(f"manifest: duplicate key {k!r}"))
 
 
 def _no_constants(token: str) -> Any:

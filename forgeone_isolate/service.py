@@ -193,22 +193,11 @@ def name_seccomp_kill(
     ev: dict[str, Any], pid1: int | None, witness: observe.SeccompWitness | None, since: float
 ) -> dict[str, Any]:
     """``ev`` (a host's exit event) with the killing syscall named from ``witness`` when
-    seccomp killed PID 1 ``pid1``; otherwise ``ev``.
-
-    The host could not name it (it reads no audit records): then the witness waits up to
-    0.3 s for the kernel's record. For any other end the witness is asked too, without
-    waiting: the status the host reports comes through the keeper, whose memory PID 1
-    shares, so a plugin that took PID 1 over could hide its kill behind another one.
-    """
-    if pid1 is None or witness is None:
+    seccomp killed PID 1 ``pid1`` and the host could not name it; otherwise ``ev``."""
+    if ev.get("reason") != UNNAMED_SECCOMP_KILL or pid1 is None or witness is None:
         return ev
-    unnamed = ev.get("reason") == UNNAMED_SECCOMP_KILL
-    name = witness.syscall_for(pid1, wait_s=0.3 if unnamed else 0.0, since=since)
-    if name is None:
-        return ev
-    if unnamed:
-        return {**ev, "reason": f"seccomp: {name}"}
-    return {**ev, "status": "killed", "reason": f"seccomp: {name} (not as its keeper reported)"}
+    name = witness.syscall_for(pid1, wait_s=0.3, since=since)
+    return {**ev, "reason": f"seccomp: {name}"} if name else ev
 
 
 def _write_existing(path: str, value: bytes) -> None:
@@ -444,15 +433,20 @@ class Service:
         which kills whatever the registry's instance rows name (the live service's
         plugins). Raises: OpError naming the directory."""
         path = self.config.state_dir / "service.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise OpError(f"{path}: cannot open: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
             os.close(fd)
-            raise OpError(
-                f"state directory {self.config.state_dir}: another service is using it"
-                f" (it holds {path})"
-            ) from None
+            if isinstance(e, BlockingIOError):
+                raise OpError(
+                    f"state directory {self.config.state_dir}: another service is using it"
+                    f" (it holds {path})"
+                ) from None
+            raise OpError(f"{path}: cannot lock: {e.strerror or e}") from None
         self._state_lock_fd = fd
 
     def start(self) -> None:
@@ -1154,8 +1148,10 @@ class Service:
         with self.lock:
             if self.stopping:
                 raise OpError("the service is stopping")
-            running = sum(1 for rt in self.runtimes.values() if rt.instance is not None)
-            if running >= self.config.max_plugins:
+            running = self._launching + sum(
+                1 for rt in self.runtimes.values() if rt.instance is not None
+            )
+            if running >= self.config.max_plugins:  # (starts in flight count: not yet there)
                 raise OpError(f"{name}: {running} plugins run already (max_plugins)")
             # counted until its instance is registered: shutdown waits for it, so that a
             # start racing a SIGTERM is stopped like the others, not left to the fork server
@@ -1689,10 +1685,9 @@ def _tail_lines(path: Path, n: int, max_line: int, chunk: int = 64 * 1024) -> li
     ``n * (max_line + 1)`` bytes are read, and each line returned is at most ``max_line``
     bytes (a longer one is cut: no record of ours is that long).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, f"{path}: not a regular file")
+    from forgeone_isolate.audit import open_log
+
+    with os.fdopen(open_log(path), "rb") as f:
         end = pos = f.seek(0, os.SEEK_END)
         budget = n * (max_line + 1) + chunk
         pieces: list[bytes] = []

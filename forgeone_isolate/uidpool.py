@@ -40,8 +40,8 @@ class UidLease:
         self.uid = uid
         #: the uid's place counted from DEFAULT_FIRST, whatever range it was leased from:
         #: picks the plugin's network addresses (modulo the pool's size), so that two
-        #: supervisors with different ranges (a service, a one-shot launch) never pick the
-        #: same link for two uids leased at once
+        #: supervisors with different ranges (a service, a one-shot launch) pick different
+        #: links for uids leased at once, as long as those lie within one pool's size
         self.index = index
         self._fd: int | None = fd
         self._path = path

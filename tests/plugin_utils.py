@@ -170,18 +170,6 @@ def proc_status_field(pid: int, key: str) -> str | None:
     return None
 
 
-def shares_memory(a: int, b: int) -> bool:
-    """Whether processes ``a`` and ``b`` share one address space (kcmp(2) KCMP_VM)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    sys_kcmp = {"x86_64": 312, "aarch64": 272}[os.uname().machine]
-    r = libc.syscall(sys_kcmp, a, b, 1, 0, 0)  # KCMP_VM
-    if r < 0:
-        raise OSError(ctypes.get_errno(), f"kcmp({a}, {b}, KCMP_VM)")
-    return bool(r == 0)
-
-
 def rseq_registered(pid: int) -> bool:
     """Whether ``pid`` has a restartable-sequences area registered with the kernel, seen
     from outside (ptrace PTRACE_GET_RSEQ_CONFIGURATION; the process is stopped briefly)."""

@@ -509,7 +509,7 @@ def test_a_rotated_file_that_does_not_end_where_the_next_begins_is_caught(
 ) -> None:
     path = tmp_path / "r.jsonl"
     with AuditLog(path, max_bytes=SMALL, keep=2) as log:
-        for i in range(30):
+        for i in range(70):
             log.append(big_record(i), durable=False)
     older = path.with_name("r.jsonl.1")
     lines = older.read_bytes().splitlines(keepends=True)
@@ -517,3 +517,10 @@ def test_a_rotated_file_that_does_not_end_where_the_next_begins_is_caught(
     result = verify(path)
     assert not result.ok
     assert "r.jsonl.1" in result.reason
+    # and between two rotated files alike: .1 continues .2
+    oldest = path.with_name("r.jsonl.2")
+    assert verify(older).ok  # (its own chain still holds: only its end is gone)
+    put(oldest, oldest.read_bytes().splitlines(keepends=True)[:-1])
+    result = verify(older)
+    assert not result.ok
+    assert "r.jsonl.2" in result.reason

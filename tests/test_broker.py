@@ -450,6 +450,8 @@ def test_kv_usage_is_kept_not_summed(tmp_path: Path) -> None:
     store.set("b/two", b"k", b"zz", 10**9)
     expected = sum(len(b"key%d" % i) + i + KEY_COST for i in range(50)) - 6
     assert store.used("a/one") == expected
+    kept = store._db.execute("SELECT bytes FROM kv_usage WHERE owner=?", ("a/one",)).fetchone()
+    assert kept == (expected,)  # the row itself, not a sum made on demand
     store.close()
     again = KvStore(tmp_path / "kv.sqlite3")
     assert again.used("a/one") == expected

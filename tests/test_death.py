@@ -342,27 +342,3 @@ def test_a_failed_link_teardown_still_removes_the_cgroups(
     assert len(made) == 1
     assert made[0].paths
     assert not any(os.path.exists(p) for p in made[0].paths), made[0].paths
-
-
-def test_how_pid1_ended_comes_from_the_kernel_not_the_channel(base_plan: SandboxPlan) -> None:
-    """PID 1 is the supervisor's own child (CLONE_PARENT), reaped by it: nothing a plugin
-    in control of PID 1 writes on any descriptor it still has (here a forged EXITED "exit
-    0" on each) changes how its end is reported. Before, the keeper reported PID 1's wait
-    status from memory PID 1 shared, and a rewritten report hid a seccomp kill."""
-    forged = b'{"m": "EXITED", "status": 0}'
-
-    def factory() -> Payload:
-        libc.raw_syscall(SYS_getpid)  # resolve the ctypes binding before the filter
-        buf = ctypes.create_string_buffer(forged, len(forged))
-
-        def payload() -> int:
-            for fd in range(3, 16):
-                libc.raw_syscall(SYS_write, fd, ctypes.addressof(buf), len(forged))
-            libc.raw_syscall(SYS_getpid)  # forbidden: SIGSYS
-            return 0
-
-        return payload
-
-    result = run(base_plan, factory)
-    assert result.status == "killed", result
-    assert result.reason == "seccomp: getpid", result.reason
